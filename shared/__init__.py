@@ -1,0 +1,12 @@
+# SPDX-License-Identifier: GPL-3.0-or-later
+"""What the OAVM plug-ins share with the service: the wire protocol and the client.
+
+Imports only numpy, pyzmq, msgpack and the standard library, because it runs inside Blender's and Nuke's Python;
+``build.py dist`` vendors this package into each plug-in, so it imports itself relatively.
+"""
+from .protocol import (DEFAULT_ENDPOINT, PROTOCOL_VERSION, ErrorCode, OAVMServiceError, OAVMServiceUnavailable,
+                       ProtocolError)
+from .client import MatteResult, OAVMClient
+
+__all__ = ["DEFAULT_ENDPOINT", "PROTOCOL_VERSION", "ErrorCode", "MatteResult", "OAVMClient", "OAVMServiceError",
+           "OAVMServiceUnavailable", "ProtocolError"]
