@@ -1,0 +1,65 @@
+# SPDX-License-Identifier: GPL-3.0-or-later
+"""Frames and masks as the client sends them, read from the EXR files Nuke's Write nodes render.
+
+The service expects display-referred RGB in [0, 1] (the network learnt from sRGB video, see
+``oavm_service/io/colour.py``); a Write node writes Nuke's scene-linear working space. When the service reads a
+file itself (``matte_file``) it applies the sRGB curve to float data; when the gizmo sends pixels (the first frame,
+re-prompts, a remote service) it must do the same here, or one clip would be seen in two colour encodings.
+The curve is repeated here (a few lines) because plug-ins may import only ``shared/`` and their host's API.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Tuple
+
+import numpy as np
+
+from .cache import pixel_digest
+from .exr import ExrError, ExrImage, read_exr
+
+_A, _GAMMA, _LINEAR_CUTOFF, _SLOPE = 0.055, 2.4, 0.0031308, 12.92   # IEC 61966-2-1
+
+
+def linear_to_display(rgb: np.ndarray) -> np.ndarray:
+    """Scene-linear -> sRGB-encoded [0, 1] float32, NaN/inf made finite and highlights clipped as the service does."""
+    x = np.nan_to_num(np.asarray(rgb, dtype=np.float32), nan=0.0, posinf=1.0, neginf=0.0)
+    x = np.maximum(x, 0.0)
+    encoded = np.where(x <= _LINEAR_CUTOFF, x * _SLOPE,
+                       (1.0 + _A) * np.power(x, 1.0 / _GAMMA, dtype=np.float32) - _A)
+    return np.clip(encoded, 0.0, 1.0).astype(np.float32)
+
+
+def _read(path: str, what: str) -> ExrImage:
+    try:
+        return read_exr(path)
+    except FileNotFoundError:
+        raise ExrError("the %s render %s is missing: the Write node did not produce it (check the Script Editor "
+                       "for Nuke's render error)" % (what, path)) from None
+
+
+@dataclass
+class SourceFrame:
+    linear: np.ndarray        # (H, W, 3) float32, the Write node's scene-linear pixels over the display window
+    display: np.ndarray       # the same, display-referred: what the service's network sees
+    digest: str               # pixel digest: the cache key's part for this frame
+    full_window: bool         # data window == display window: the service may read the file itself
+
+
+def load_source(path: str) -> SourceFrame:
+    """A rendered Source frame. ``full_window`` is False when Nuke wrote a bounding box other than the format
+    (the service reads a file's data window, the gizmo works on the format); such frames go as pixels."""
+    raw = _read(path, "Source")
+    image = raw.in_display_window()
+    rgb = np.stack([image.channel("R", "rgba.red"), image.channel("G", "rgba.green"),
+                    image.channel("B", "rgba.blue")], axis=-1)
+    return SourceFrame(rgb, linear_to_display(rgb), pixel_digest(rgb), raw.data_window == raw.display_window)
+
+
+def load_mask(path: str) -> Tuple[np.ndarray, str]:
+    """``(mask in [0, 1], digest)`` of a rendered Mask frame (the gizmo copies the chosen channel into alpha)."""
+    image = _read(path, "Mask").in_display_window()
+    mask = np.clip(np.nan_to_num(image.channel("A", "rgba.alpha")), 0.0, 1.0).astype(np.float32)
+    if not np.any(mask > 0.5):
+        raise ExrError("the Mask input is empty at this frame (%s): draw the object's first-frame mask (e.g. with a "
+                       "Roto node) into the channel chosen in 'mask channel'" % path)
+    return mask, pixel_digest(mask)
