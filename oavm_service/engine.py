@@ -1,0 +1,304 @@
+# SPDX-License-Identifier: GPL-3.0-or-later
+"""The streaming engine: an OAVM model on a device/precision (:class:`Engine`) and per-clip state (:class:`ClipSession`).
+
+A session is Cutie-style: one :meth:`ClipSession.step` per frame, prompts (masks) allowed at any frame. Per
+object it keeps the paper's memory (Section 3.1: the prompt frame as long-term memory, the previous frame as
+short-term memory) plus the previous mask for the cross-frame guidance (Section 3.3); nothing grows with the clip
+length. The backbone and OQG run once per frame; PFE, OGCR and the decoder run once for all objects together.
+The engine has no notion of direction or frame numbers: the caller decides the order frames arrive in.
+
+The engine knows no sockets and no files (the service, batch command and demo are built on it).
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass, fields
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+
+from .errors import OAVMInputError
+from .model import OAVM, ObjectState
+
+AUTO_MAX_SIDE = 512          # automatic downsample_ratio = min(1, AUTO_MAX_SIDE / max(H, W))
+SESSION_FORMAT = "oavm-clip-session"
+SESSION_VERSION = 1
+PRECISIONS = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+_STATE_FIELDS = tuple(f.name for f in fields(ObjectState))
+_SCALE = {np.dtype(np.uint8): 255.0, np.dtype(np.uint16): 65535.0}
+_FLOATS = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
+
+
+@dataclass
+class Matte:
+    """One object's result for one frame, at the input frame's full resolution."""
+
+    alpha: np.ndarray        # (H, W) float32 in [0, 1]
+    fgmask: np.ndarray       # (H, W) float32 in [0, 1], the foreground (segmentation) mask S_k
+    foreground: np.ndarray   # (H, W, 3) float32 in [0, 1], straight (un-premultiplied) foreground colour
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """"auto" -> cuda when available, else cpu. Asking for an absent GPU is an input error, not a crash."""
+    name = str(device)
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise OAVMInputError(f"unknown device {name!r}; use 'auto', 'cpu' or 'cuda' (or 'cuda:N')") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise OAVMInputError(f"device {name!r} was requested but this torch build sees no CUDA GPU; "
+                             f"use device 'cpu' or 'auto'")
+    if dev.type not in ("cpu", "cuda"):
+        raise OAVMInputError(f"device {name!r} is not supported; use 'auto', 'cpu' or 'cuda'")
+    return dev
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """"auto" -> fp16 on CUDA, fp32 on CPU; otherwise one of fp32 | fp16 | bf16."""
+    if precision == "auto":
+        return "fp16" if device.type == "cuda" else "fp32"
+    if precision not in PRECISIONS:
+        raise OAVMInputError(f"unknown precision {precision!r}; use 'auto', 'fp32', 'fp16' or 'bf16'")
+    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise OAVMInputError("this GPU does not support bf16; use precision 'fp16' or 'fp32'")
+    return precision
+
+
+def auto_downsample_ratio(height: int, width: int) -> float:
+    """The network resolution the engine picks when none is given: long side at most 512 pixels."""
+    return min(1.0, AUTO_MAX_SIDE / max(height, width))
+
+
+class Engine:
+    """An OAVM model placed on a device with a precision; makes :class:`ClipSession` objects."""
+
+    def __init__(self, model: OAVM, *, device: str = "auto", precision: str = "auto",
+                 checkpoint_info: dict[str, Any] | None = None) -> None:
+        self.device = resolve_device(device)
+        self.precision = resolve_precision(precision, self.device)
+        # eval mode (batch-norm statistics) and channels-last layout; gradients are off via inference_mode
+        self.model = model.eval().to(self.device).to(memory_format=torch.channels_last)
+        self.checkpoint_info = checkpoint_info or {"path": None, "sha256": None, "version": None,
+                                                   "config": model.config.to_dict()}
+
+    @classmethod
+    def from_checkpoint(cls, path: str | os.PathLike | None = None, *, device: str = "auto",
+                        precision: str = "auto") -> "Engine":
+        """Load a checkpoint (None: the shipped default) onto ``device``. Raises CheckpointError if unusable."""
+        from .checkpoint import checkpoint_sha256, load_checkpoint, read_checkpoint_header
+
+        header = read_checkpoint_header(path)
+        dev = resolve_device(device)
+        model, meta = load_checkpoint(header["path"], map_location=dev)
+        info = {"path": header["path"], "sha256": checkpoint_sha256(header["path"]),
+                "version": header["oavm_version"], "format_version": header["format_version"],
+                "config": header["config"].to_dict(), "meta": meta}
+        return cls(model, device=str(dev), precision=precision, checkpoint_info=info)
+
+    def new_session(self, *, downsample_ratio: float | None = None) -> "ClipSession":
+        """A new clip. ``downsample_ratio`` None: automatic (long side <= 512 px at the network's input)."""
+        return ClipSession(self, downsample_ratio=downsample_ratio)
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """Mixed precision context for the engine's precision (a no-op for fp32)."""
+        dtype = PRECISIONS[self.precision]
+        if dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=dtype)
+
+
+# ------------------------------------------------------------------------------------------- input checks
+
+def _frame_to_array(frame: Any) -> np.ndarray:
+    """Validate an (H, W, 3) RGB frame and return it as float32 in [0, 1]."""
+    if not isinstance(frame, np.ndarray):
+        raise OAVMInputError(f"a frame must be a numpy array (H, W, 3), got {type(frame).__name__}")
+    if frame.ndim != 3 or frame.shape[2] != 3:
+        hint = " (drop the alpha channel: frame[..., :3])" if frame.ndim == 3 and frame.shape[2] == 4 else ""
+        raise OAVMInputError(f"a frame must be RGB with shape (H, W, 3), got {frame.shape}{hint}")
+    if frame.shape[0] == 0 or frame.shape[1] == 0:
+        raise OAVMInputError(f"the frame is empty ({frame.shape[0]}x{frame.shape[1]} pixels)")
+    return _to_unit_float(frame, "frame", clip=True)
+
+
+def _mask_to_array(obj_id: str, mask: Any, shape: tuple[int, int]) -> np.ndarray:
+    """Validate an (H, W) mask for ``obj_id`` matching the frame size; return float32 in [0, 1]."""
+    what = f"the mask of object {obj_id!r}"
+    if not isinstance(mask, np.ndarray):
+        raise OAVMInputError(f"{what} must be a numpy array (H, W), got {type(mask).__name__}")
+    if mask.ndim == 3 and mask.shape[2] == 1:
+        mask = mask[..., 0]
+    if mask.ndim != 2:
+        raise OAVMInputError(f"{what} must be single-channel (H, W), got shape {mask.shape}; "
+                             f"pass one channel, e.g. mask[..., 0]")
+    if mask.shape != shape:
+        raise OAVMInputError(f"{what} is {mask.shape[1]}x{mask.shape[0]} but the frame is {shape[1]}x{shape[0]}; "
+                             f"resize the mask to the frame size")
+    m = _to_unit_float(mask, what, clip=False)
+    if not (m > 0).any():
+        raise OAVMInputError(f"{what} is empty (all zero); paint the object in the mask, or leave the object "
+                             f"out of the prompts")
+    return m
+
+
+def _to_unit_float(a: np.ndarray, what: str, *, clip: bool) -> np.ndarray:
+    """Integers are scaled by their range; floats must be finite (and, for masks, in [0, 1])."""
+    if a.dtype == np.bool_:
+        return a.astype(np.float32)
+    if a.dtype in _SCALE:
+        return a.astype(np.float32) / np.float32(_SCALE[a.dtype])
+    if a.dtype not in _FLOATS:
+        raise OAVMInputError(f"{what} has unsupported dtype {a.dtype}; use uint8, uint16, float16 or float32"
+                             + (" (or bool)" if not clip else ""))
+    out = a.astype(np.float32)
+    if not np.isfinite(out).all():
+        raise OAVMInputError(f"{what} contains NaN or infinite values; fix the source pixels (e.g. np.nan_to_num)")
+    if clip:
+        return np.clip(out, 0.0, 1.0)
+    if out.min() < -1e-3 or out.max() > 1.0 + 1e-3:
+        raise OAVMInputError(f"{what} has values in [{out.min():g}, {out.max():g}]; masks must be in 0..1 "
+                             f"(divide 0..255 masks by 255)")
+    return np.clip(out, 0.0, 1.0)
+
+
+def _check_obj_id(obj_id: Any) -> str:
+    if not isinstance(obj_id, str) or not obj_id:
+        raise OAVMInputError(f"object ids must be non-empty strings, got {obj_id!r}")
+    return obj_id
+
+
+# --------------------------------------------------------------------------------------------- sessions
+
+class ClipSession:
+    """One clip being matted: per-object memory, O(1) in clip length. Not thread-safe (one step at a time)."""
+
+    def __init__(self, engine: Engine, *, downsample_ratio: float | None = None) -> None:
+        if downsample_ratio is not None and not (isinstance(downsample_ratio, (int, float))
+                                                 and 0.0 < downsample_ratio <= 1.0):
+            raise OAVMInputError(f"downsample_ratio must be in (0, 1] or None for automatic, got {downsample_ratio!r}")
+        self.engine = engine
+        self.downsample_ratio = None if downsample_ratio is None else float(downsample_ratio)
+        self.frames_seen = 0
+        self.frame_shape: tuple[int, int] | None = None
+        self._objects: dict[str, ObjectState] = {}
+
+    # -- public API --------------------------------------------------------------------------------------
+
+    @property
+    def object_ids(self) -> list[str]:
+        return list(self._objects)
+
+    def effective_downsample_ratio(self, height: int, width: int) -> float:
+        """The ratio the network runs at for frames of this size (the given one, or the automatic one)."""
+        return self.downsample_ratio if self.downsample_ratio is not None else auto_downsample_ratio(height, width)
+
+    def step(self, frame: np.ndarray, prompts: Mapping[str, np.ndarray] | None = None) -> dict[str, Matte]:
+        """Matte one frame for every object. ``prompts`` add new objects or re-prompt known ones at this frame."""
+        image = _frame_to_array(frame)
+        shape = image.shape[:2]
+        if self.frame_shape is not None and shape != self.frame_shape:
+            raise OAVMInputError(f"this clip's frames are {self.frame_shape[1]}x{self.frame_shape[0]} but this frame "
+                                 f"is {shape[1]}x{shape[0]}; start a new session for another frame size")
+        if prompts is not None and not isinstance(prompts, Mapping):
+            raise OAVMInputError(f"prompts must be a mapping obj_id -> mask, got {type(prompts).__name__}")
+        masks = {_check_obj_id(k): _mask_to_array(k, v, shape) for k, v in (prompts or {}).items()}
+        if not self._objects and not masks:
+            raise OAVMInputError("the first frame of a clip needs at least one prompt: pass "
+                                 "prompts={obj_id: mask} with a mask of the object to matte")
+        return self._run(image, masks)
+
+    def add_object(self, obj_id: str, frame: np.ndarray, mask: np.ndarray) -> dict[str, Matte]:
+        """Add a new object at this frame (error if the id is already used)."""
+        if _check_obj_id(obj_id) in self._objects:
+            raise OAVMInputError(f"object {obj_id!r} already exists in this clip; use reprompt() to correct it "
+                                 f"or choose another id")
+        return self.step(frame, {obj_id: mask})
+
+    def reprompt(self, obj_id: str, frame: np.ndarray, mask: np.ndarray) -> dict[str, Matte]:
+        """Replace a known object's long-term memory and carried mask with this frame and mask."""
+        if _check_obj_id(obj_id) not in self._objects:
+            raise OAVMInputError(f"unknown object {obj_id!r}; known objects: {self.object_ids}; use add_object()")
+        return self.step(frame, {obj_id: mask})
+
+    def remove_object(self, obj_id: str) -> None:
+        if obj_id not in self._objects:
+            raise OAVMInputError(f"unknown object {obj_id!r}; known objects: {self.object_ids}")
+        del self._objects[obj_id]
+
+    def held_tensors(self) -> list[torch.Tensor]:
+        """Every tensor this session keeps between frames (for memory accounting)."""
+        return [getattr(s, name) for s in self._objects.values() for name in _STATE_FIELDS]
+
+    def memory_bytes(self) -> int:
+        """Bytes of the tensors held between frames; constant in clip length (grows only with objects)."""
+        return sum(t.numel() * t.element_size() for t in self.held_tensors())
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue the clip: CPU tensors and plain values (``torch.load(weights_only=True)``)."""
+        return {
+            "format": SESSION_FORMAT, "version": SESSION_VERSION,
+            "config": self.engine.model.config.to_dict(), "precision": self.engine.precision,
+            "downsample_ratio": self.downsample_ratio, "frames_seen": self.frames_seen,
+            "frame_shape": None if self.frame_shape is None else list(self.frame_shape),
+            "objects": [[obj_id, {name: getattr(s, name).detach().cpu().clone() for name in _STATE_FIELDS}]
+                        for obj_id, s in self._objects.items()],
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict` output; continues bit-identically on the same device and precision."""
+        if not isinstance(state, Mapping) or state.get("format") != SESSION_FORMAT:
+            raise OAVMInputError("this is not an OAVM clip-session state (see ClipSession.state_dict())")
+        if state.get("version") != SESSION_VERSION:
+            raise OAVMInputError(f"clip-session state version {state.get('version')!r} is not supported "
+                                 f"(this OAVM writes version {SESSION_VERSION}); re-open the clip from a keyframe")
+        if state.get("config") != self.engine.model.config.to_dict():
+            raise OAVMInputError("this clip state was made with a model of another configuration; load it with the "
+                                 "same checkpoint, or re-open the clip from a keyframe")
+        ratio = state.get("downsample_ratio")
+        shape = state.get("frame_shape")
+        objects: dict[str, ObjectState] = {}
+        try:
+            for obj_id, tensors in state["objects"]:
+                objects[_check_obj_id(obj_id)] = ObjectState(
+                    **{name: tensors[name].to(self.engine.device) for name in _STATE_FIELDS})
+            frames_seen = int(state["frames_seen"])
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise OAVMInputError(f"the clip-session state is incomplete or damaged ({exc!r}); "
+                                 f"re-open the clip from a keyframe") from None
+        self.downsample_ratio = None if ratio is None else float(ratio)
+        self.frame_shape = None if shape is None else (int(shape[0]), int(shape[1]))
+        self.frames_seen = frames_seen
+        self._objects = objects
+
+    # -- internals ---------------------------------------------------------------------------------------
+
+    def _run(self, image: np.ndarray, masks: dict[str, np.ndarray]) -> dict[str, Matte]:
+        engine, model = self.engine, self.engine.model
+        h, w = image.shape[:2]
+        ratio = self.effective_downsample_ratio(h, w)
+        with torch.inference_mode(), engine.autocast():
+            x = self._to_device(image).permute(2, 0, 1).unsqueeze(0).contiguous(memory_format=torch.channels_last)
+            feats = model.encode_frame(x, ratio)
+            queries = model.generate_queries(feats)
+            objects = dict(self._objects)
+            if masks:
+                batch = torch.stack([self._to_device(m) for m in masks.values()]).unsqueeze(1)
+                for obj_id, s in zip(masks, model.prompt(feats, batch).split()):
+                    objects[obj_id] = s
+            ids = list(objects)
+            out, nxt = model.advance(feats, queries, ObjectState.cat([objects[i] for i in ids]))
+            self._objects = {i: ObjectState(**{k: t.clone() for k, t in s.tensors().items()})
+                             for i, s in zip(ids, nxt.split())}
+            results = {k: out[k].float().cpu().numpy() for k in ("alpha", "fgmask", "fgr")}
+        self.frames_seen += 1
+        self.frame_shape = (h, w)
+        return {obj_id: Matte(alpha=results["alpha"][i, 0], fgmask=results["fgmask"][i, 0],
+                              foreground=np.ascontiguousarray(results["fgr"][i].transpose(1, 2, 0)))
+                for i, obj_id in enumerate(ids)}
+
+    def _to_device(self, a: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(a)).to(self.engine.device, non_blocking=True)
