@@ -1,0 +1,185 @@
+# SPDX-License-Identifier: GPL-3.0-or-later
+"""``oavm train`` on tiny generated datasets in the public layouts (VideoMatte240K, DVM, BG20K, YouTube-VOS,
+COCO panoptic): the loaders read what was written, and 6 steps straight equal 3 steps + ``--resume`` + 3 steps."""
+from __future__ import annotations
+
+import csv
+import json
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import OpenImageIO as oiio
+import pytest
+import torch
+
+from oavm_service.errors import OAVMInputError
+from oavm_service.train import data as D
+from oavm_service.train import loop
+
+SIZE = 64
+
+
+# ------------------------------------------------------------------------------------------ tiny datasets
+
+def _write_uint8(path: Path, pixels: np.ndarray) -> None:
+    """An 8-bit JPEG/PNG, as the public datasets ship them."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pixels = np.ascontiguousarray(pixels if pixels.ndim == 3 else pixels[..., None])
+    spec = oiio.ImageSpec(pixels.shape[1], pixels.shape[0], pixels.shape[2], oiio.UINT8)
+    out = oiio.ImageOutput.create(str(path))
+    assert out.open(str(path), spec) and out.write_image(pixels) and out.close(), oiio.geterror()
+
+
+def _write_palette_png(path: Path, indices: np.ndarray) -> None:
+    """An indexed-colour PNG with the DAVIS palette (YouTube-VOS / DAVIS-2017 annotations)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    h, w = indices.shape
+    palette = bytes([0, 0, 0, 128, 0, 0, 0, 128, 0, 128, 128, 0])
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    raw = b"".join(b"\x00" + bytes(row.astype(np.uint8)) for row in indices)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 3, 0, 0, 0))
+                     + chunk(b"PLTE", palette) + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+
+
+def _box(t: int, size: int = SIZE, width: int = 20, x0: int = 10) -> np.ndarray:
+    m = np.zeros((size, size), np.float32)
+    m[16:44, x0 + 3 * t: x0 + 3 * t + width] = 1.0
+    return m
+
+
+@pytest.fixture(scope="module")
+def datasets(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("public")
+    rng = np.random.default_rng(0)
+    for clip in range(2):                                   # VideoMatte240K: fgr + pha
+        for t in range(4):
+            alpha = _box(t)
+            alpha[16:44, 10 + 3 * t] = 0.5                  # a soft edge column
+            _write_uint8(root / f"vm240k/train/fgr/clip{clip}/{t:04d}.jpg",
+                         np.full((SIZE, SIZE, 3), [200, 60 + 80 * clip, 40], np.uint8))
+            _write_uint8(root / f"vm240k/train/pha/clip{clip}/{t:04d}.jpg", np.rint(alpha * 255).astype(np.uint8))
+    for t in range(5):                                      # DVM: a background video
+        _write_uint8(root / f"dvm/clipA/{t:05d}.jpg", rng.integers(0, 255, (SIZE, SIZE, 3), dtype=np.uint8))
+    for i in range(2):                                      # BG20K: stills
+        _write_uint8(root / f"bg20k/train/bg{i}.jpg", rng.integers(0, 255, (80, 100, 3), dtype=np.uint8))
+    for t in range(0, 20, 5):                               # YouTube-VOS: every 5th frame annotated
+        _write_uint8(root / f"ytvos/train/JPEGImages/vid0/{t:05d}.jpg",
+                     rng.integers(0, 255, (SIZE, SIZE, 3), dtype=np.uint8))
+        if t != 15:                                         # one frame without annotation is skipped
+            labels = _box(t // 5).astype(np.uint8) + 2 * _box(0, width=8, x0=50).astype(np.uint8)
+            _write_palette_png(root / f"ytvos/train/Annotations/vid0/{t:05d}.png", labels)
+    ids = np.zeros((SIZE, SIZE), np.int64)                  # COCO panoptic: two things, one stuff
+    ids[10:30, 10:30] = 1001
+    ids[35:60, 30:60] = 2002
+    ids[:5] = 3003
+    rgb = np.stack([ids % 256, ids // 256 % 256, ids // 65536], -1).astype(np.uint8)
+    _write_uint8(root / "coco/annotations/panoptic_train2017/000000000001.png", rgb)
+    _write_uint8(root / "coco/train2017/000000000001.jpg", rng.integers(0, 255, (SIZE, SIZE, 3), dtype=np.uint8))
+    (root / "coco/annotations/panoptic_train2017.json").write_text(json.dumps({
+        "images": [{"id": 1, "file_name": "000000000001.jpg"}],
+        "annotations": [{"image_id": 1, "file_name": "000000000001.png", "segments_info": [
+            {"id": 1001, "category_id": 1, "iscrowd": 0, "area": 400},
+            {"id": 2002, "category_id": 1, "iscrowd": 0, "area": 750},
+            {"id": 3003, "category_id": 200, "iscrowd": 0, "area": 320}]}],
+        "categories": [{"id": 1, "name": "person", "isthing": 1}, {"id": 200, "name": "sky", "isthing": 0}]}))
+    return root
+
+
+# ------------------------------------------------------------------------------------------------ loaders
+
+def test_loaders_read_the_public_layouts(datasets: Path):
+    clips = D.videomatte_clips(datasets / "vm240k")
+    assert [c.name for c in clips] == ["clip0", "clip1"] and len(clips[0].pha) == 4
+    window = D.VideoMatteProvider(clips).window(0, np.random.default_rng(0), 2, (SIZE, SIZE), 1)
+    assert window.fgr.shape == (2, SIZE, SIZE, 3) and window.pha.shape == (2, SIZE, SIZE)
+    assert np.isclose(window.pha, 0.5, atol=0.05).any() and window.pha.max() > 0.95
+
+    vos = D.youtubevos_videos(datasets / "ytvos")
+    assert len(vos) == 1 and len(vos[0].frames) == 3                      # the unannotated frame is dropped
+    labels = D.read_label_map(vos[0].masks[0])
+    assert set(np.unique(labels)) == {0, 1, 2}                           # palette indices, not colours
+    clip = D.VideoSegmentationSampler("vos", vos).sample(np.random.default_rng(0), 3, (SIZE, SIZE))
+    assert clip.instances.shape == (3, 2, SIZE, SIZE) and clip.alpha is None
+
+    coco = D.coco_panoptic(datasets / "coco", min_area=100)
+    assert coco[0].segment_ids == [1001, 2002]                          # the "stuff" segment is not an object
+    ids = D.read_panoptic(coco[0].panoptic)
+    assert (ids == 1001).sum() == 400 and (ids == 2002).sum() == 750
+    clip = D.ImageSegmentationSampler("coco", coco).sample(np.random.default_rng(1), 2, (SIZE, SIZE))
+    assert clip.instances.shape[:2] == (2, 2) and clip.prompt.any()
+
+    assert len(D.background_videos(datasets / "dvm")) == 1
+    assert len(D.background_videos(datasets / "dvm", frames=(0, 3))[0]) == 3
+    assert len(D.background_images(datasets / "bg20k", "train")) == 2
+
+
+def test_loaders_explain_missing_data(datasets: Path, tmp_path: Path):
+    with pytest.raises(OAVMInputError, match="panoptic_annotations"):
+        D.coco_panoptic(tmp_path)
+    with pytest.raises(OAVMInputError, match="does not exist"):
+        D.videomatte_clips(tmp_path / "nothing")
+    with pytest.raises(OAVMInputError, match="no sequence"):
+        D.masked_videos(datasets / "ytvos/train", frames_dir="JPEGImages", include=["cows"])
+
+
+def test_local_davis_layout_with_palette_masks():
+    seqs = D.masked_videos("/work/shared/data/davis2017_lowres", include=["dogs-jump"])
+    assert len(seqs) == 1 and len(seqs[0].frames) == 66
+    assert set(np.unique(D.read_label_map(seqs[0].masks[0]))) == {0, 1, 2, 3}
+    binary = D.masked_videos("/work/shared/data/davis2016", exclude=["cows", "dance-twirl", "scooter-black"])
+    assert "cows" not in [s.name for s in binary]
+    assert set(np.unique(D.read_label_map(binary[0].masks[0]))) == {0, 1}
+
+
+# ------------------------------------------------------------------------------------------- training
+
+def _recipe(datasets: Path) -> loop.Recipe:
+    return loop.recipe_from_dict({
+        "name": "tiny",
+        "train": {"seed": 3, "init": "random", "log_every": 1, "checkpoint_every": 3, "sample_every": 3,
+                  "val_every": 0, "grad_clip": 1.0},
+        "model": {"c": 32, "key_dim": 16, "num_queries": 4, "num_heads": 2, "window": 7,
+                  "decoder_channels": [32, 24, 16, 16]},
+        "loss": {"laplacian_levels": 3, "set_scale": 0.2},
+        "datasets": {
+            "vm": {"kind": "composite", "foregrounds": {"kind": "videomatte", "root": str(datasets / "vm240k")},
+                   "backgrounds": [{"kind": "videos", "root": str(datasets / "dvm")},
+                                   {"kind": "images", "root": str(datasets / "bg20k"), "split": "train"}]},
+            "vos": {"kind": "video_seg", "layout": "youtubevos", "root": str(datasets / "ytvos")},
+            "coco": {"kind": "image_seg", "root": str(datasets / "coco"), "min_area": 100},
+        },
+        "stages": [{"name": "s1", "datasets": {"vm": 2, "vos": 1, "coco": 1}, "size": [SIZE, SIZE],
+                    "clip_length": 2, "batch_size": 1, "lr": 1e-3, "weight_decay": 0.07, "steps": 6,
+                    "warmup_steps": 2}],
+    })
+
+
+def test_six_steps_equal_three_plus_resume_three(datasets: Path, tmp_path: Path):
+    recipe = _recipe(datasets)
+    cpu = torch.device("cpu")
+    straight = loop.train(recipe, tmp_path / "a", device=cpu)
+    first = loop.train(recipe, tmp_path / "b", device=cpu, max_steps=3)
+    rest = loop.train(recipe, tmp_path / "b", device=cpu, resume=tmp_path / "b/checkpoints/last.pt")
+    assert len(straight) == 6 and len(first) == 3 and len(rest) == 3
+    assert first + rest == straight                      # bit-identical, not approximately equal
+    assert all(np.isfinite(straight)) and len(set(straight)) > 1
+
+    with open(tmp_path / "b/scalars.csv", newline="") as f:
+        rows = [r for r in csv.DictReader(f) if r.get("total")]
+    assert [int(r["step"]) for r in rows] == [1, 2, 3, 4, 5, 6]
+    assert [float(r["total"]) for r in rows] == pytest.approx(straight, rel=1e-6)
+    assert (tmp_path / "b/samples/step_000003.png").is_file()
+
+    from oavm_service.checkpoint import load_checkpoint
+    exported = load_checkpoint(tmp_path / "a/final.safetensors")
+    assert exported is not None
+
+
+def test_cli_explains_a_missing_recipe(capsys):
+    assert loop.main(["--config", "configs/does-not-exist.toml"]) == 2
+    assert "configs/*.toml" in capsys.readouterr().err
