@@ -1,0 +1,116 @@
+# SPDX-License-Identifier: GPL-3.0-or-later
+"""Which weights the benches run and how they open an engine on a device.
+
+Until the shipped checkpoint exists the benches time a randomly initialised full-size ``OAVMConfig()`` network:
+the same layers and shapes, so the same speed and memory; the table says so in its checkpoint column.
+"""
+from __future__ import annotations
+
+import gc
+from dataclasses import dataclass
+from pathlib import Path
+
+from bench.common import DeviceSpec
+
+CHOICES = ("auto", "shipped", "random", "random-tiny")
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A checkpoint file on disk (the service needs a path too) and how the table names it."""
+
+    path: Path
+    label: str        # short, for the table's checkpoint column
+    detail: str       # long, for the JSON record
+    sha256: str
+
+
+def _random_checkpoint(path: Path, tiny: bool) -> Path:
+    """Write a seeded random-init network so the in-process engine and the service load the very same weights."""
+    import torch
+
+    from oavm_service.checkpoint import save_checkpoint
+    from oavm_service.model import OAVM, OAVMConfig
+
+    torch.manual_seed(0)
+    model = OAVM(OAVMConfig.tiny() if tiny else OAVMConfig()).eval()
+    save_checkpoint(path, model, meta={"name": "bench-random-init" + ("-tiny" if tiny else "")},
+                    dtype=torch.float32)
+    return path
+
+
+def resolve_checkpoint(choice: str, workdir: Path) -> Checkpoint:
+    """``auto``: the shipped checkpoint if present, else a random full-size network; ``shipped``, ``random``,
+    ``random-tiny`` (tests) or the path of a ``.safetensors`` checkpoint."""
+    from oavm_service.checkpoint import DEFAULT_CHECKPOINT, checkpoint_sha256
+
+    if choice == "auto":
+        choice = "shipped" if DEFAULT_CHECKPOINT.exists() else "random"
+    if choice == "shipped":
+        if not DEFAULT_CHECKPOINT.exists():
+            raise FileNotFoundError(f"the shipped checkpoint {DEFAULT_CHECKPOINT} is not there yet; run with "
+                                    f"--checkpoint random (same speed) or pass a checkpoint file")
+        choice = str(DEFAULT_CHECKPOINT)
+    if choice in ("random", "random-tiny"):
+        tiny = choice == "random-tiny"
+        path = _random_checkpoint(Path(workdir) / f"bench-{choice}.safetensors", tiny)
+        what = "OAVMConfig.tiny()" if tiny else "full-size OAVMConfig()"
+        return Checkpoint(path, f"{choice} init", f"randomly initialised {what} (seed 0); speed and memory as "
+                          f"trained weights, mattes meaningless", checkpoint_sha256(path))
+    path = Path(choice)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist; pass a .safetensors file or one of "
+                                f"{', '.join(CHOICES)}")
+    sha = checkpoint_sha256(path)
+    return Checkpoint(path, f"{path.stem} {sha[:8]}", f"{path} (sha256 {sha})", sha)
+
+
+def open_engine(ckpt: Checkpoint, spec: DeviceSpec, *, cuda_graphs: bool = False):
+    """``Engine.from_checkpoint`` on ``spec`` (the engine applies the precision with autocast)."""
+    from oavm_service.engine import Engine
+
+    engine = Engine.from_checkpoint(ckpt.path, device=spec.device, precision=spec.precision)
+    if cuda_graphs and spec.device == "cuda":
+        use_cuda_graphs(engine.model)
+    return engine
+
+
+def use_cuda_graphs(model) -> None:
+    """Replay the per-frame half of the network (``encode_frame``, ``generate_queries``) as CUDA graphs.
+
+    ``torch.compile(mode="reduce-overhead")`` records one graph per input shape (a clip keeps its size) and saves
+    the kernel launches that dominate a GPU step at 1080p. A replay overwrites the previous replay's outputs, and
+    ``prompt`` keeps ``FrameFeatures.key`` as the long-term memory, so the outputs are cloned before anything can
+    hold on to them. ``advance`` stays eager: the per-object state it returns is carried to the next frame.
+    """
+    import dataclasses
+
+    import torch
+
+    def cloned(value):
+        if isinstance(value, torch.Tensor):
+            return value.clone()
+        if isinstance(value, list):
+            return [cloned(v) for v in value]
+        if dataclasses.is_dataclass(value):
+            return dataclasses.replace(value, **{f.name: cloned(getattr(value, f.name))
+                                                 for f in dataclasses.fields(value)})
+        return value
+
+    for name in ("encode_frame", "generate_queries"):
+        compiled = torch.compile(getattr(model, name), mode="reduce-overhead", dynamic=False)
+
+        def run(*args, _compiled=compiled, **kwargs):
+            torch.compiler.cudagraph_mark_step_begin()
+            return cloned(_compiled(*args, **kwargs))
+
+        setattr(model, name, run)
+
+
+def free_memory(device: str) -> None:
+    """Give a dropped engine's memory back before the next device is measured (call once it is unreferenced)."""
+    gc.collect()
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.empty_cache()

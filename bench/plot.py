@@ -1,0 +1,105 @@
+# SPDX-License-Identifier: GPL-3.0-or-later
+"""The PNG beside the JSON: four small panels drawn from the table's rows (matplotlib, Agg, no display needed).
+
+speed per resolution and device (with the targets), peak memory against clip length, the service and RVM
+ratios, and the per-module breakdown. Kept small (about 1000x700 px) because the results are committed.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from bench.report import Row, SPEED_TARGETS_FPS
+
+
+def _measured(rows: list[Row], bench: str) -> list[Row]:
+    return [r for r in rows if r.bench == bench and not r.result.startswith("not measured")]
+
+
+def _speed(ax, rows: list[Row]) -> None:
+    speed = [r for r in _measured(rows, "speed") if r.fps]
+    sizes = list(dict.fromkeys(r.input for r in speed))
+    devices = list(dict.fromkeys(r.device for r in speed))
+    width = 0.8 / max(1, len(devices))
+    for k, device in enumerate(devices):
+        xs, ys = zip(*[(sizes.index(r.input) + k * width, r.fps) for r in speed if r.device == device])
+        ax.bar(xs, ys, width, label=device)
+    for (device, precision, size), fps in SPEED_TARGETS_FPS.items():
+        for i, label in enumerate(sizes):
+            if label.split()[0] == size and f"{device} {precision}" in devices:
+                ax.hlines(fps, i - 0.1, i + 0.9, colors="k", linestyles="--", linewidth=1)
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(sizes))], sizes, fontsize=7)
+    ax.set_ylabel("fps (median)")
+    ax.set_title("speed (dashed: target)", fontsize=9)
+    if devices:
+        ax.legend(fontsize=7)
+
+
+def _memory(ax, rows: list[Row]) -> None:
+    memory = [r for r in _measured(rows, "memory") if r.peak_mib]
+    for device in dict.fromkeys(r.device for r in memory):
+        pts = [(r.frames, r.peak_mib) for r in memory if r.device == device]
+        ax.plot(*zip(*pts), marker="o", label=device)
+    if memory:
+        lengths = sorted({r.frames for r in memory})
+        ax.set_xscale("log")
+        ax.set_xticks(lengths, [str(n) for n in lengths])
+        ax.minorticks_off()
+        ax.set_ylim(bottom=0)
+        ax.legend(fontsize=7)
+    ax.set_xlabel("clip length (frames)")
+    ax.set_ylabel("peak MiB")
+    ax.set_title("peak memory vs clip length", fontsize=9)
+
+
+def _ratio(value: str) -> float | None:
+    m = re.search(r"x(\d+(?:\.\d+)?)", value)
+    return float(m.group(1)) if m else None
+
+
+def _ratios(ax, rows: list[Row]) -> None:
+    bars = [(f"{r.bench}\n{r.device}\n{r.input}", _ratio(r.value)) for r in _measured(rows, "service")
+            + _measured(rows, "rvm")]
+    bars = [(label, v) for label, v in bars if v is not None]
+    if bars:
+        labels, values = zip(*bars)
+        ax.bar(range(len(values)), values, color=["tab:orange" if lb.startswith("service") else "tab:green"
+                                                  for lb in labels])
+        ax.set_xticks(range(len(values)), labels, fontsize=6)
+    ax.axhline(1.0, color="k", linewidth=0.8)
+    ax.axhline(1.1, color="k", linewidth=0.8, linestyle="--")
+    ax.set_title("service/in-process time (orange), OAVM/RVM fps (green)", fontsize=9)
+
+
+def _breakdown(ax, rows: list[Row]) -> None:
+    prof = _measured(rows, "profile")
+    items = []
+    for r in prof:
+        m = re.match(r"([\d.]+) ms/step", r.value)
+        if m:
+            items.append((r.input.split(": ", 1)[-1], float(m.group(1))))
+    if items:
+        names, ms = zip(*items)
+        ax.barh(range(len(ms)), ms, color="tab:purple")
+        ax.set_yticks(range(len(ms)), names, fontsize=7)
+        ax.invert_yaxis()
+        ax.set_title(f"where a step's time goes ({prof[0].device}, {prof[0].input.split(':')[0]})", fontsize=9)
+    ax.set_xlabel("ms per step (profiled)")
+
+
+def write_plot(rows: list[Row], path: Path, title: str) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 2, figsize=(10, 7), dpi=100)
+    _speed(axes[0, 0], rows)
+    _memory(axes[0, 1], rows)
+    _ratios(axes[1, 0], rows)
+    _breakdown(axes[1, 1], rows)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path

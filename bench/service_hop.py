@@ -1,0 +1,179 @@
+# SPDX-License-Identifier: GPL-3.0-or-later
+"""The service hop: the same frames through the real ZeroMQ service and ``shared.client`` vs the engine in-process.
+
+The service is the real ``python -m oavm_service serve`` on a free loopback port, with the same checkpoint, device
+and precision as the in-process engine. Frames go as float32 RGB, what Blender's and Nuke's pixel buffers hold.
+Service and in-process steps alternate frame by frame (and which goes first alternates too) so a neighbour's load on
+a shared machine hits both alike; the ratio of their median frame times is the hop's cost: encoding, two loopback
+copies, decoding and the service's own bookkeeping. The service logs its own time per request, which splits the
+difference into "transport + client" (stable) and "service step vs in-process step" (noise on a shared CPU).
+"""
+from __future__ import annotations
+
+import os
+import re
+import statistics
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from bench.common import OBJECT_ID, REPO, DeviceSpec, PeakMemory, Resolution, RunOptions, SampleClip, Timing, \
+    cuda_sync, mib, one_spec_per_device
+from bench.models import Checkpoint, free_memory, open_engine
+from bench.report import SERVICE_OVERHEAD_MAX, SERVICE_TARGET_SIZE, Row, not_measured, verdict
+
+READY_TEXT = "listening on"
+# the service's log line per request: "matte clip=bench-512x288 frame=7 -> ok (123.4 ms, client ...)"
+HANDLED = re.compile(r"matte clip=(?P<clip>\S+) frame=(?P<frame>\d+) -> ok \((?P<ms>[\d.]+) ms")
+
+
+@dataclass
+class Service:
+    """A running service: where it listens, its process, and its log (which times every request it handles)."""
+
+    endpoint: str
+    proc: subprocess.Popen
+    log_path: Path
+
+    def handled_ms(self, clip_id: str, frames: set[int]) -> list[float]:
+        """The service's own time for ``frames`` of ``clip_id`` (decode, engine step, encode), from its log."""
+        found = []
+        for m in HANDLED.finditer(self.log_path.read_text()):
+            if m["clip"] == clip_id and int(m["frame"]) in frames:
+                found.append(float(m["ms"]))
+        return found
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def running_service(ckpt: Checkpoint, spec: DeviceSpec, workdir: Path, ready_timeout_s: float = 180.0
+                    ) -> Iterator[Service]:
+    """Start ``python -m oavm_service serve`` on loopback; yield it; always stop it.
+
+    The service gets this process's torch thread count, so both sides of the comparison compute alike.
+    """
+    import torch
+
+    threads = torch.get_num_threads()
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    log_path = Path(workdir) / f"service-{spec.device}-{spec.precision}.log"
+    cmd = [sys.executable, "-m", "oavm_service", "serve", "--endpoint", endpoint, "--checkpoint", str(ckpt.path),
+           "--device", spec.device, "--precision", spec.precision, "--state-dir", str(Path(workdir) / "state"),
+           "--log-level", "info"]
+    with open(log_path, "w+") as log:
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, text=True,
+                                env=dict(os.environ, OMP_NUM_THREADS=str(threads)))
+        try:
+            deadline = time.monotonic() + ready_timeout_s
+            while True:
+                log.seek(0)
+                if READY_TEXT in log.read():
+                    break
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    log.seek(0)
+                    raise RuntimeError(f"the OAVM service did not start (exit {proc.poll()}); command: "
+                                       f"{' '.join(cmd)}\n{log.read()[-4000:]}")
+                time.sleep(0.1)
+            yield Service(endpoint, proc, log_path)
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def _float_frame(clip: SampleClip, i: int) -> np.ndarray:
+    return clip.frame(i).astype(np.float32) / np.float32(255.0)
+
+
+def hop_row(client, service: Service, engine, spec: DeviceSpec, res: Resolution, ckpt: Checkpoint,
+            opts: RunOptions) -> Row:
+    """One resolution in lockstep; the service's log splits its extra time into transport and service work."""
+    clip = SampleClip(res.width, res.height)
+    clip_id = "bench-" + res.label.replace(" ", "-")    # one clip per row: the log is searched by clip id
+    sync = cuda_sync(str(engine.device))
+    service_memory = PeakMemory("cpu", service.proc.pid) if spec.device == "cpu" else None
+    session = engine.new_session(downsample_ratio=res.downsample_ratio)
+    if service_memory:
+        service_memory.reset()
+    frame = _float_frame(clip, 0)
+    client.open_clip(clip_id, 0, frame, {OBJECT_ID: clip.mask}, restart=True,
+                     downsample_ratio=res.downsample_ratio)
+    session.step(frame, {OBJECT_ID: clip.mask})
+    hop, local, timed = Timing(), Timing(), set()
+    t_end = time.perf_counter() + opts.budget_s
+    i = 1
+    while hop.n < opts.frames and (hop.n < 3 or time.perf_counter() < t_end):
+        frame = _float_frame(clip, i)
+        # alternate who goes first, so neither side always runs right after the other (caches, scheduler)
+        first, second = ("service", "local") if i % 2 else ("local", "service")
+        times = {}
+        for side in (first, second):
+            t0 = time.perf_counter()
+            if side == "service":
+                client.matte(clip_id, i, frame)
+            else:
+                session.step(frame)
+                sync()
+            times[side] = time.perf_counter() - t0
+        if i > opts.warmup:
+            hop.seconds.append(times["service"])
+            local.seconds.append(times["local"])
+            timed.add(i)
+        i += 1
+    client.close_clip(clip_id)
+    ratio = hop.p50_ms / local.p50_ms
+    handled = service.handled_ms(clip_id, timed)
+    split = (f"; in the service {statistics.median(handled):.1f} ms, so transport + client "
+             f"{hop.p50_ms - statistics.median(handled):.1f} ms" if handled else "")
+    target = f"<= +{SERVICE_OVERHEAD_MAX:.0%} at {SERVICE_TARGET_SIZE}" if res.size == SERVICE_TARGET_SIZE else ""
+    return Row("service", spec.label, res.label, ckpt.label, frames=hop.n, fps=hop.fps,
+               p50_ms=hop.p50_ms, p95_ms=hop.p95_ms,
+               peak_mib=mib(service_memory.peak_bytes()) if service_memory else None,
+               value=f"x{ratio:.3f} vs in-process ({ratio - 1:+.1%}, {hop.p50_ms - local.p50_ms:+.0f} ms)",
+               target=target, result=verdict(ratio - 1 <= SERVICE_OVERHEAD_MAX) if target else "",
+               note=f"in-process p50 {local.p50_ms:.1f} ms{split}; float32 frames"
+                    + ("; service RSS peak" if service_memory else ""))
+
+
+def run_service(specs: list[DeviceSpec], resolutions: list[Resolution], ckpt: Checkpoint, opts: RunOptions,
+                workdir: Path) -> list[Row]:
+    rows: list[Row] = []
+    for spec in one_spec_per_device(specs):
+        reason = spec.missing_reason()
+        if reason:
+            rows.extend(not_measured("service", spec.label, res.label, ckpt.label, reason,
+                                     f"<= +{SERVICE_OVERHEAD_MAX:.0%} at {SERVICE_TARGET_SIZE}"
+                                     if res.size == SERVICE_TARGET_SIZE else "") for res in resolutions)
+            continue
+        rows.extend(_rows_on(spec, resolutions, ckpt, opts, workdir))
+        free_memory(spec.device)
+    return rows
+
+
+def _rows_on(spec: DeviceSpec, resolutions: list[Resolution], ckpt: Checkpoint, opts: RunOptions,
+             workdir: Path) -> list[Row]:
+    from shared.client import OAVMClient
+
+    with running_service(ckpt, spec, workdir) as service:
+        engine = open_engine(ckpt, spec)
+        client = OAVMClient(service.endpoint, timeout_s=600.0, retries=0)
+        try:
+            return [hop_row(client, service, engine, spec, res, ckpt, opts) for res in resolutions]
+        finally:
+            client.close()
