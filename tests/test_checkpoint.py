@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
@@ -130,3 +132,24 @@ def test_config_json_round_trip_and_validation():
         OAVMConfig(window=4)
     with pytest.raises(ValueError, match="backbone must be one of"):
         OAVMConfig(backbone="vgg")
+
+
+def test_shipped_checkpoint_mattes_the_sample_clip():
+    """The checkpoint in the repo loads with the engine and follows the prompt on real footage (samples/judo)."""
+    import OpenImageIO as oiio
+
+    from oavm_service.engine import Engine
+
+    sample = Path(__file__).resolve().parents[1] / "samples" / "judo"
+    engine = Engine.from_checkpoint(None, device="cpu")
+    assert engine.checkpoint_info["sha256"] == checkpoint_sha256(DEFAULT_CHECKPOINT)
+    session = engine.new_session()
+    mask = (oiio.ImageBuf(str(sample / "masks" / "00000.png")).get_pixels(oiio.FLOAT)[..., 0] > 0)[::2, ::2]
+    ious = []
+    for i in range(3):
+        frame = oiio.ImageBuf(str(sample / "frames" / f"{i:05d}.jpg")).get_pixels(oiio.FLOAT)[::2, ::2, :3]
+        mattes = session.step(frame.copy(), {"judoka": mask.astype(np.float32)} if i == 0 else None)
+        alpha = mattes["judoka"].alpha
+        assert alpha.shape == mask.shape and 0.0 <= alpha.min() and alpha.max() <= 1.0
+        ious.append(np.logical_and(alpha > 0.5, mask).sum() / np.logical_or(alpha > 0.5, mask).sum())
+    assert min(ious) > 0.5, ious
