@@ -649,8 +649,10 @@ def _validate_and_keep_best(model, samplers, recipe, stage, device, num_classes,
 
 def _meta(recipe: Recipe, pos: Position) -> dict[str, Any]:
     """What an exported checkpoint says about its training (``checkpoint.read_checkpoint_header``)."""
+    stage = recipe.stages[min(pos.stage, len(recipe.stages) - 1)].name
     return {"trained_with": "oavm train", "recipe": recipe.name, "init": recipe.train.init,
-            "global_step": pos.global_step, "stage": pos.stage, "recipe_source": recipe.source}
+            "global_step": pos.global_step, "stage": stage, "stages_completed": pos.stage,
+            "recipe_source": recipe.source}
 
 
 def _bar(done: int, total: int, width: int = 20) -> str:
