@@ -22,7 +22,7 @@ from bench.common import NO_GPU, REPO, RESULTS_DIR, DeviceSpec, Resolution, RunO
 from bench.report import Row, format_table, rows_to_json
 from oavm_service.errors import OAVMError
 
-DEFAULT_RESOLUTIONS = "512x288@1,1920x1080@0.25,3840x2160@0.125"
+DEFAULT_RESOLUTIONS = "512x288@1,512x288@0.5,1920x1080@0.25,3840x2160@0.125"
 DEFAULT_DEVICES = "cpu,cuda"
 DEFAULT_LENGTHS = "100,1000,5000"
 # --quick: a sanity run of a few minutes on two CPU cores; any option given explicitly still wins
@@ -46,8 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cpu, cuda (= cuda-fp32,cuda-fp16,cuda-bf16), or single ones such as cuda-fp16 "
                         f"(default {DEFAULT_DEVICES})")
     p.add_argument("--lengths", help=f"clip lengths for the memory bench (default {DEFAULT_LENGTHS}; quick 20,100)")
-    p.add_argument("--mem-resolution", type=Resolution.parse, default=Resolution(512, 288, 1.0),
-                   help="frame size of the memory bench (default 512x288@1; 512x288@0.5 is cheaper per step)")
+    p.add_argument("--mem-resolution", type=Resolution.parse, default=None,
+                   help="frame size of the memory bench (default 512x288@1 on CUDA, 64x64@1 on CPU)")
     p.add_argument("--profile-steps", type=int, help="profiled steps for the breakdown (default 10; quick 3)")
     p.add_argument("--checkpoint", default="auto",
                    help="auto (shipped if present, else random), shipped, random (full-size random init), "

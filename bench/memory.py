@@ -21,10 +21,17 @@ def _size(n_bytes: int) -> str:
     return f"{n_bytes / 2**20:.1f} MiB" if n_bytes >= 2**20 else f"{n_bytes / 1024:.1f} KiB"
 
 
-def run_memory(specs: list[DeviceSpec], res: Resolution, lengths: list[int], ckpt: Checkpoint) -> list[Row]:
+# Frame size when --mem-resolution is not given: the real size on a GPU; on a CPU small frames, because 5,000 steps
+# at 512x288 take over an hour on two cores (same network, same engine step; see docs/performance.md).
+DEFAULT_SIZE = {"cuda": Resolution(512, 288, 1.0), "cpu": Resolution(64, 64, 1.0)}
+
+
+def run_memory(specs: list[DeviceSpec], size: Resolution | None, lengths: list[int], ckpt: Checkpoint
+               ) -> list[Row]:
     rows: list[Row] = []
     target = f"<= +{MEMORY_GROWTH_MAX:.0%} at {lengths[-1]} vs {lengths[0]} frames"
     for spec in one_spec_per_device(specs):
+        res = size or DEFAULT_SIZE[spec.device]
         reason = spec.missing_reason()
         if reason:
             rows.append(not_measured("memory", spec.label, f"{res.label} x{lengths[-1]}", ckpt.label, reason,

@@ -58,14 +58,13 @@ def _ratio(value: str) -> float | None:
 
 
 def _ratios(ax, rows: list[Row]) -> None:
-    bars = [(f"{r.bench}\n{r.device}\n{r.input}", _ratio(r.value)) for r in _measured(rows, "service")
-            + _measured(rows, "rvm")]
-    bars = [(label, v) for label, v in bars if v is not None]
+    bars = [(r.bench, f"{r.device}\n{r.input}", _ratio(r.value))
+            for r in _measured(rows, "service") + _measured(rows, "rvm")]
+    bars = [b for b in bars if b[2] is not None]
     if bars:
-        labels, values = zip(*bars)
-        ax.bar(range(len(values)), values, color=["tab:orange" if lb.startswith("service") else "tab:green"
-                                                  for lb in labels])
-        ax.set_xticks(range(len(values)), labels, fontsize=6)
+        benches, labels, values = zip(*bars)
+        ax.bar(range(len(values)), values, color=["tab:orange" if b == "service" else "tab:green" for b in benches])
+        ax.set_xticks(range(len(values)), labels, fontsize=6, rotation=30, ha="right")
     ax.axhline(1.0, color="k", linewidth=0.8)
     ax.axhline(1.1, color="k", linewidth=0.8, linestyle="--")
     ax.set_title("service/in-process time (orange), OAVM/RVM fps (green)", fontsize=9)
