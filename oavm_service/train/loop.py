@@ -626,7 +626,7 @@ def train(recipe: Recipe, out: Path, *, device: torch.device, resume: Path | Non
         state = None
         save_training_state(out / "checkpoints" / "last.pt", model, optimizer, scheduler, scaler, pos, recipe)
     if not stopped:
-        if cfg.val_every and recipe.validation:
+        if cfg.val_every and recipe.validation and all(n in samplers for n in recipe.validation):
             _validate_and_keep_best(model, samplers, recipe, recipe.stages[-1], device, num_classes, pos, out,
                                     log, logger)
         export_inference(model, out / "final.safetensors", _meta(recipe, pos))
