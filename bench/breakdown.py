@@ -79,7 +79,8 @@ def profile_steps(engine, res: Resolution, steps: int, warmup: int) -> dict:
     on_cuda = device.startswith("cuda")
     sync = cuda_sync(device)
     clip = SampleClip(res.width, res.height)
-    session = engine.new_session(downsample_ratio=res.downsample_ratio)
+    # mattes only, as the service by default (want_foreground false)
+    session = engine.new_session(downsample_ratio=res.downsample_ratio, foreground=False)
     session.step(clip.frame(0), {OBJECT_ID: clip.mask})
     for i in range(1, 1 + warmup):
         session.step(clip.frame(i))

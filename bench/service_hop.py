@@ -108,7 +108,8 @@ def hop_row(client, service: Service, engine, spec: DeviceSpec, res: Resolution,
     clip_id = "bench-" + res.label.replace(" ", "-")    # one clip per row: the log is searched by clip id
     sync = cuda_sync(str(engine.device))
     service_memory = PeakMemory("cpu", service.proc.pid) if spec.device == "cpu" else None
-    session = engine.new_session(downsample_ratio=res.downsample_ratio)
+    # mattes only, as the service by default (want_foreground false)
+    session = engine.new_session(downsample_ratio=res.downsample_ratio, foreground=False)
     if service_memory:
         service_memory.reset()
     frame = _float_frame(clip, 0)

@@ -33,7 +33,8 @@ def run_session(engine, res: Resolution, opts: RunOptions,
     clip = SampleClip(res.width, res.height)
     device = str(engine.device)
     memory = PeakMemory(device)
-    session = engine.new_session(downsample_ratio=res.downsample_ratio)
+    # mattes only, as the service by default (want_foreground false)
+    session = engine.new_session(downsample_ratio=res.downsample_ratio, foreground=False)
     memory.reset()
     session.step(frame_of(clip, 0), {OBJECT_ID: clip.mask})
     timing = time_steps(lambda i: frame_of(clip, i), session.step, start=1, warmup=opts.warmup,

@@ -157,16 +157,18 @@ class EngineStepper:
 
     mode = "engine"
 
-    def __init__(self, engine, downsample_ratio: float | None) -> None:
+    def __init__(self, engine, downsample_ratio: float | None, foreground: bool = False) -> None:
+        """``foreground``: also compute the foreground colour (the demo's composite); mattes alone are faster."""
         self.engine = engine
         self.downsample_ratio = downsample_ratio
+        self.foreground = foreground
         self.session = None
         info = engine.checkpoint_info
         self.checkpoint_sha256 = str(info.get("sha256") or "")
         self.signature = {"device": str(engine.device), "precision": str(engine.precision)}
 
     def start(self, direction: int, anchor: int) -> None:
-        self.session = self.engine.new_session(downsample_ratio=self.downsample_ratio)
+        self.session = self.engine.new_session(downsample_ratio=self.downsample_ratio, foreground=self.foreground)
 
     def step(self, position, rgb, prompts, known):
         mattes = self.session.step(rgb, prompts or None)

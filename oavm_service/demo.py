@@ -96,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
         input=str(frames_dir / "#####.jpg"), output=str(out / "mattes" / f"{sample.name}.#####.exr"),
         masks=[KeyMask("matte", str(sample / "masks" / "00000.png"), numbers[0])],
         frames=numbers, overwrite=True, state_every=0)
-    BatchJob(config, stepper_factory=lambda: EngineStepper(engine, None), on_frame=keep).run()
+    BatchJob(config, stepper_factory=lambda: EngineStepper(engine, None, foreground=True), on_frame=keep).run()
 
     comps = [np.clip(composite(rgb, layer), 0.0, 1.0) for rgb, layer in collected]
     picks = np.unique(np.linspace(0, len(collected) - 1, min(SHEET_ROWS, len(collected))).round().astype(int))

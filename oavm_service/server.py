@@ -214,7 +214,7 @@ class ClipStore:
                                    f"{path} was saved by a service running another checkpoint (sha256 "
                                    f"{state['checkpoint_sha256'][:12]}, this one {ours[:12]}); continue it with that "
                                    f"checkpoint or open the clip again with open_clip")
-        session = self.engine.new_session()
+        session = self.engine.new_session(foreground=bool(state["want_foreground"]))
         session.load_state_dict(state["session"])     # also restores the clip's downsample_ratio
         return Clip(clip_id, session, int(state["direction"]), int(state["next_frame"]),
                     bool(state["want_foreground"]))
@@ -308,9 +308,10 @@ class Service:
             raise _bad_request(f"clip {clip_id!r} is already open; send open_clip with restart=true to start it "
                                f"again at frame {frame_index}, or close_clip it first")
         frame, masks = self._frame(msg), self._masks(msg)
-        session = self.engine.new_session(downsample_ratio=ratio)
+        want_foreground = _arg(msg, "want_foreground", bool, False)
+        session = self.engine.new_session(downsample_ratio=ratio, foreground=want_foreground)
         mattes = session.step(frame, masks)
-        clip = Clip(clip_id, session, direction, frame_index + direction, _arg(msg, "want_foreground", bool, False))
+        clip = Clip(clip_id, session, direction, frame_index + direction, want_foreground)
         self.store.remove(clip_id)       # a restart also forgets the old saved state
         self.store.put(clip)
         return self._matte_reply(msg, clip, mattes)

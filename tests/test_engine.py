@@ -219,3 +219,20 @@ def test_bad_engine_and_session_arguments(tiny_model, engine):
     with pytest.raises(OAVMInputError, match="not an OAVM clip-session state"):
         engine.new_session().load_state_dict({"objects": []})
     assert isinstance(engine.new_session(), ClipSession)
+
+
+@pytest.mark.parametrize("ratio", [1.0, 0.5])
+def test_mattes_only_session_gives_the_same_alpha(engine, make_clip, ratio):
+    """foreground=False skips the colour (and, downsampled, three of the refiner's four full-size channels)."""
+    images, alphas = make_clip(3, 72, 120, seed=4)
+    prompt = {"a": (alphas[0] > 0.5).astype(np.float32)}
+    full = engine.new_session(downsample_ratio=ratio)
+    mattes_only = engine.new_session(downsample_ratio=ratio, foreground=False)
+    for i, frame in enumerate(images):
+        want = full.step(frame, prompt if i == 0 else None)["a"]
+        got = mattes_only.step(frame, prompt if i == 0 else None)["a"]
+        assert want.foreground is not None and want.foreground.shape == (72, 120, 3)
+        assert got.foreground is None
+        np.testing.assert_allclose(got.alpha, want.alpha, atol=1e-5)
+        np.testing.assert_allclose(got.fgmask, want.fgmask, atol=1e-6)
+    assert 0.01 < want.alpha.mean() < 0.99  # a matte, not a constant

@@ -2,6 +2,7 @@
 """The OAVM network: shapes, the paper's mechanisms (guidance mask, local attention), RVM compatibility, training."""
 from __future__ import annotations
 
+import copy
 import math
 from pathlib import Path
 
@@ -209,3 +210,39 @@ def test_tiny_model_overfits_and_every_module_learns(make_clip):
         opt.step()
     assert mad < 0.1 * first_mad and mad < 0.02, f"alpha MAD {first_mad:.4f} -> {mad:.4f} after {step + 1} steps"
     assert np.isfinite(mad)
+
+
+@pytest.mark.parametrize("backbone", ["mobilenetv3_large", "resnet50"])
+def test_optimize_for_inference_changes_no_result(backbone, make_clip):
+    """Folded batch norm and fused GRU gates: same mattes, no BatchNorm left, the original model untouched."""
+    from conftest import calibrated_tiny_model
+    from oavm_service.model.fuse import optimize_for_inference
+
+    model = calibrated_tiny_model(backbone=backbone)
+    state_before = {k: v.clone() for k, v in model.state_dict().items()}
+    images, alphas = make_clip(3, 64, 96)
+    frames = torch.from_numpy(images).permute(0, 3, 1, 2).unsqueeze(0)
+    first = torch.from_numpy(alphas[:1] > 0.5).float().unsqueeze(0)
+    with torch.no_grad():
+        expected = model.forward_clip(frames, first)
+        fused = optimize_for_inference(copy.deepcopy(model))
+        got = fused.forward_clip(frames, first)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fused.modules())
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state_before.items())
+    for key in ("alpha", "fgmask", "fgr"):
+        assert torch.allclose(got[key], expected[key], atol=1e-4), key
+    assert expected["alpha"].std() > 1e-3  # the comparison is not between two constants
+    with pytest.raises(ValueError, match="eval mode"):
+        optimize_for_inference(copy.deepcopy(model).train())
+
+
+def test_oqg_inference_path_gives_the_training_path_queries(tiny_model):
+    """Without per-layer outputs OQG predicts the attention masks at their own scale: q_o must not change."""
+    torch.manual_seed(0)
+    x = torch.rand(1, 3, 80, 112)
+    with torch.no_grad():
+        feats = tiny_model.encode_frame(x)
+        full = tiny_model.generate_queries(feats, layer_outputs=True)
+        fast = tiny_model.generate_queries(feats, layer_outputs=False)
+    assert len(full.mask_logits) == tiny_model.config.num_decoder_layers + 1 and fast.mask_logits == []
+    assert torch.allclose(fast.q_o, full.q_o, atol=1e-5)

@@ -27,9 +27,23 @@ class ZeroStateConvGRU(nn.Module):
         self.channels = channels
         self.ih = nn.Sequential(nn.Conv2d(2 * channels, 2 * channels, 3, padding=1), nn.Sigmoid())
         self.hh = nn.Sequential(nn.Conv2d(2 * channels, channels, 3, padding=1), nn.Tanh())
+        # set by fuse(); buffers so that .to(device) moves them, non-persistent so that state dicts do not change
+        self.register_buffer("fused_weight", None, persistent=False)
+        self.register_buffer("fused_bias", None, persistent=False)
+
+    def fuse(self) -> None:
+        """Inference: compute z and c with one convolution whose weights are the used halves, made contiguous
+        once (slicing RVM's 2C-input kernels on every call copies them). The state dict is unchanged."""
+        c = self.channels
+        ih, hh = self.ih[0], self.hh[0]
+        self.fused_weight = torch.cat([ih.weight[c:, :c], hh.weight[:, :c]]).detach().contiguous()
+        self.fused_bias = torch.cat([ih.bias[c:], hh.bias]).detach().contiguous()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         c = self.channels
+        if self.fused_weight is not None:
+            z, cand = F.conv2d(x, self.fused_weight, self.fused_bias, padding=1).split(c, dim=1)
+            return torch.sigmoid(z) * torch.tanh(cand)
         ih, hh = self.ih[0], self.hh[0]
         z = torch.sigmoid(F.conv2d(x, ih.weight[c:, :c], ih.bias[c:], padding=1))
         return z * torch.tanh(F.conv2d(x, hh.weight[:, :c], hh.bias, padding=1))

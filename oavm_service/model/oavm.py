@@ -159,9 +159,12 @@ class OAVM(nn.Module):
         return FrameFeatures(src=src, src_sm=src_sm, size_sm=size_sm, f1=f1, f2=f2, f3=f3, x4=x4,
                              src_pyramid=self.decoder.source_pyramid(src_sm), key=self.pfe.key(x4))
 
-    def generate_queries(self, feats: FrameFeatures) -> OQGOutput:
-        """OQG on the frame (Section 3.2): q_o and the per-layer outputs for the set-prediction head."""
-        return self.oqg(feats.x4, feats.f3, feats.f2)
+    def generate_queries(self, feats: FrameFeatures, layer_outputs: bool | None = None) -> OQGOutput:
+        """OQG on the frame (Section 3.2): q_o, and the per-layer outputs when the set-prediction head (training)
+        is there to use them (``layer_outputs`` None) or when asked for."""
+        if layer_outputs is None:
+            layer_outputs = self.set_prediction is not None
+        return self.oqg(feats.x4, feats.f3, feats.f2, layer_outputs=layer_outputs)
 
     # ---------------------------------------------------------------------------------------- per object
 
@@ -177,20 +180,24 @@ class OAVM(nn.Module):
         memory = self.pfe.memorize(f.x4, grid, key=f.key)
         return ObjectState(memory.key, memory.value, memory.key, memory.value, grid)
 
-    def advance(self, feats: FrameFeatures, queries: OQGOutput, state: ObjectState
+    def advance(self, feats: FrameFeatures, queries: OQGOutput, state: ObjectState, foreground: bool = True
                 ) -> tuple[dict[str, torch.Tensor], ObjectState]:
-        """Matte the frame for every object in ``state`` (batched) and return the states for the next frame."""
+        """Matte the frame for every object in ``state`` (batched) and return the states for the next frame.
+
+        ``foreground`` False: skip the foreground colour (``out["fgr"]`` is None), which saves a quarter of the
+        full-resolution refinement when the caller only wants mattes."""
         n = state.batch
         f = feats.repeat(n)
         q_o = queries.q_o if queries.q_o.shape[0] == n else queries.q_o.expand(n, -1, -1)
         f_m = self.pfe(f.x4, f.key, state.long_term, state.short_term)       # Eq. 2-4
         f_alpha = self.ogcr(f_m, q_o, state.prev_mask)                        # Eq. 5-7
         hid = self.decoder(f_alpha, f.f1, f.f2, f.f3, f.src_sm, *f.src_pyramid)
-        out, seg_grid = self._heads(hid, f)
+        out, seg_grid = self._heads(hid, f, foreground)
         memory = self.pfe.memorize(f.x4, seg_grid, key=f.key)
         return out, replace(state, short_key=memory.key, short_value=memory.value, prev_mask=seg_grid)
 
-    def _heads(self, hid: torch.Tensor, f: FrameFeatures) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    def _heads(self, hid: torch.Tensor, f: FrameFeatures, foreground: bool = True
+               ) -> tuple[dict[str, torch.Tensor | None], torch.Tensor]:
         """project_mat / project_seg, crop the padding, refine to full resolution when the network ran smaller."""
         seg_logits = self.project_seg(hid)
         seg_grid = F.avg_pool2d(torch.sigmoid(seg_logits.float()), STRIDE)  # S_k for memory and guidance
@@ -200,10 +207,10 @@ class OAVM(nn.Module):
         fgr_res, pha, seg_logits, hid = fgr_res[crop], pha[crop], seg_logits[crop], hid[crop]
         full = tuple(f.src.shape[-2:])
         if (hs, ws) != full:
-            fgr_res, pha = self.refiner(f.src, f.src_sm[crop], fgr_res, pha, hid)
+            fgr_res, pha = self.refiner(f.src, f.src_sm[crop], fgr_res, pha, hid, alpha_only=not foreground)
             seg_logits = F.interpolate(seg_logits, size=full, mode="bilinear", align_corners=False)
         return {"alpha": pha.clamp(0.0, 1.0), "fgmask": torch.sigmoid(seg_logits), "fgmask_logits": seg_logits,
-                "fgr": (fgr_res + f.src).clamp(0.0, 1.0)}, seg_grid
+                "fgr": (fgr_res + f.src).clamp(0.0, 1.0) if foreground else None}, seg_grid
 
     # ------------------------------------------------------------------------------------------ clips
 

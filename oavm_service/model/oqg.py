@@ -24,7 +24,8 @@ FFN_EXPANSION = 4
 
 @dataclass
 class OQGOutput:
-    """q_o plus what the training head needs: per-layer query states and mask logits, index 0 = before layer 1."""
+    """q_o plus what the training head needs: per-layer query states and mask logits, index 0 = before layer 1
+    (both lists empty when OQG ran without ``layer_outputs``, as at inference)."""
 
     q_o: torch.Tensor                 # (B, N, C) object-level queries for OGCR
     states: list[torch.Tensor]        # L + 1 tensors (B, N, C): decoder-normed query states
@@ -96,7 +97,12 @@ class ObjectQueryGeneration(nn.Module):
         logits = torch.einsum("bnc,bchw->bnhw", self.mask_embed(state), mask_features)
         return state, logits
 
-    def forward(self, x4: torch.Tensor, f_s3: torch.Tensor, f_s2: torch.Tensor) -> OQGOutput:
+    def forward(self, x4: torch.Tensor, f_s3: torch.Tensor, f_s2: torch.Tensor, *, layer_outputs: bool = True
+                ) -> OQGOutput:
+        """q_o; with ``layer_outputs`` also every layer's state and stride-4 mask logits (the training head's
+        input). Without them (inference) each attention mask is predicted directly at its attention scale: the
+        prediction is linear in the mask features, so resizing the features instead of the logits gives the same
+        mask, for 1/16 (stride 16) or 1/4 (stride 8) of the work, and the last layer's masks are not computed."""
         scales, mask_features = self.pixel_decoder(x4, f_s3, f_s2)
         sizes = [tuple(s.shape[-2:]) for s in scales]
         memories = [to_tokens(s) + self.level_embed.weight[i] for i, s in enumerate(scales)]
@@ -105,16 +111,30 @@ class ObjectQueryGeneration(nn.Module):
         b = x4.shape[0]
         query_pos = self.query_embed.weight.unsqueeze(0).expand(b, -1, -1)
         q = self.query_feat.weight.unsqueeze(0).expand(b, -1, -1)
+        if layer_outputs:
+            features_at = [mask_features] * NUM_SCALES
+        else:  # the mask features at each attention scale, resized as query_attention_mask resizes logits
+            features_at = [mask_features if size == tuple(mask_features.shape[-2:]) else
+                           F.interpolate(mask_features, size=size, mode="bilinear", align_corners=False)
+                           for size in sizes]
 
-        state, logits = self._predict(q, mask_features)
-        states, mask_logits = [state], [logits]
-        for i, (cross, self_attn, ffn) in enumerate(zip(self.cross_layers, self.self_layers, self.ffn_layers)):
+        states: list[torch.Tensor] = []
+        mask_logits: list[torch.Tensor] = []
+        state = logits = None
+        num_layers = len(self.cross_layers)
+        for i in range(num_layers + 1):
+            if layer_outputs or i < num_layers:  # the prediction after the last layer only feeds the training head
+                state, logits = self._predict(q, features_at[i % NUM_SCALES])
+                if layer_outputs:
+                    states.append(state)
+                    mask_logits.append(logits)
+            if i == num_layers:
+                break
             level = i % NUM_SCALES
             attn_mask = query_attention_mask(logits, sizes[level])
-            q = cross(q, memories[level], attn_mask=attn_mask, pos=pos[level], query_pos=query_pos)
-            q = ffn(self_attn(q, query_pos))
-            state, logits = self._predict(q, mask_features)
-            states.append(state)
-            mask_logits.append(logits)
+            q = self.cross_layers[i](q, memories[level], attn_mask=attn_mask, pos=pos[level], query_pos=query_pos)
+            q = self.ffn_layers[i](self.self_layers[i](q, query_pos))
+        if not layer_outputs:
+            state = self.decoder_norm(q)
         q_o = self.out_mlp(self.out_self_attn(state, query_pos))
         return OQGOutput(q_o=q_o, states=states, mask_logits=mask_logits)

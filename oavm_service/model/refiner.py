@@ -25,9 +25,14 @@ class DeepGuidedFilterRefiner(nn.Module):
             nn.Conv2d(hid_channels, 4, kernel_size=1, bias=True))
 
     def forward(self, fine_src: torch.Tensor, base_src: torch.Tensor, base_fgr: torch.Tensor,
-                base_pha: torch.Tensor, base_hid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """fine_src (B,3,H,W); base_* at low resolution. Returns full-resolution (fgr residual, alpha)."""
-        fine_x = torch.cat([fine_src, fine_src.mean(1, keepdim=True)], dim=1)
+                base_pha: torch.Tensor, base_hid: torch.Tensor, alpha_only: bool = False
+                ) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """fine_src (B,3,H,W); base_* at low resolution. Returns full-resolution (fgr residual, alpha).
+
+        ``alpha_only``: the fitted model is per channel, so alpha alone needs only its own channel at full
+        resolution, a quarter of the full-resolution work (which dominates at 1080p and 4K); fgr is then None.
+        """
+        fine_grey = fine_src.mean(1, keepdim=True)
         base_x = torch.cat([base_src, base_src.mean(1, keepdim=True)], dim=1)
         base_y = torch.cat([base_fgr, base_pha], dim=1)
         mean_x = self.box_filter(base_x)
@@ -37,6 +42,11 @@ class DeepGuidedFilterRefiner(nn.Module):
         a = self.conv(torch.cat([cov_xy, var_x, base_hid], dim=1))
         b = mean_y - a * mean_x
         size = fine_src.shape[-2:]
+        if alpha_only:  # alpha's guide is the grey image
+            a = F.interpolate(a[:, 3:], size, mode="bilinear", align_corners=False)
+            b = F.interpolate(b[:, 3:], size, mode="bilinear", align_corners=False)
+            return None, a * fine_grey + b
+        fine_x = torch.cat([fine_src, fine_grey], dim=1)
         a = F.interpolate(a, size, mode="bilinear", align_corners=False)
         b = F.interpolate(b, size, mode="bilinear", align_corners=False)
         out = a * fine_x + b

@@ -177,7 +177,7 @@ class EngineMethod:
         self.name = Path(checkpoint).name if checkpoint is not None else "default-checkpoint"
 
     def start(self, frame: np.ndarray, prompt: np.ndarray) -> np.ndarray:
-        self.session = self.engine.new_session(downsample_ratio=self.downsample_ratio)
+        self.session = self.engine.new_session(downsample_ratio=self.downsample_ratio, foreground=False)
         return self.session.step(frame, {OBJECT_ID: prompt})[OBJECT_ID].alpha
 
     def step(self, frame: np.ndarray) -> np.ndarray:
@@ -185,14 +185,14 @@ class EngineMethod:
 
 
 def make_method(name: str, *, checkpoint: str | Path | None = None, device: str = "auto",
-                rvm_onnx: str | Path | None = None) -> Method:
+                rvm_onnx: str | Path | None = None, downsample_ratio: float | None = None) -> Method:
     """A baseline by name (``copy-mask``, ``rvm-frame``, ``rvm``) or, for ``checkpoint``, the engine."""
     if name == "copy-mask":
         return CopyMask()
     if name in ("rvm-frame", "rvm"):
         return RVMMethod(recurrent=name == "rvm", onnx_path=rvm_onnx)
     if name == "checkpoint":
-        return EngineMethod(checkpoint, device=device)
+        return EngineMethod(checkpoint, device=device, downsample_ratio=downsample_ratio)
     raise OAVMInputError(f"unknown baseline {name!r}; choose one of {', '.join(BASELINES)}.")
 
 
@@ -374,6 +374,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clips", help="comma-separated clip names to score (default: all)")
     p.add_argument("--max-frames", type=int, help="score only the first N frames of each clip (quick checks)")
     p.add_argument("--device", default="auto", help="engine device: auto (cuda if available), cpu, cuda, cuda:1")
+    p.add_argument("--downsample-ratio", type=float,
+                   help="network resolution of the checkpoint as a fraction of the clip's (default: automatic, "
+                        "long side 512 px)")
     p.add_argument("--rvm-onnx", type=Path, help="RVM ONNX file for the RVM baselines (default: installed package)")
     p.add_argument("--make-composite-set", type=Path, metavar="DIR",
                    help="write the composite clips (Adobe crops over held-out bedroom frames) into DIR; "
@@ -396,8 +399,10 @@ def main(argv: list[str] | None = None) -> int:
         clips = find_clips(args.data, args.clips.split(",") if args.clips else None)
         names = (["checkpoint"] if args.checkpoint is not None or not args.baseline else []) + \
             list(dict.fromkeys(args.baseline))
-        methods = [make_method(n, checkpoint=args.checkpoint, device=args.device, rvm_onnx=args.rvm_onnx)
-                   for n in names]
+        if args.downsample_ratio is not None and not 0.0 < args.downsample_ratio <= 1.0:
+            raise OAVMInputError("--downsample-ratio must be in (0, 1], e.g. 0.5 to run the network at half size.")
+        methods = [make_method(n, checkpoint=args.checkpoint, device=args.device, rvm_onnx=args.rvm_onnx,
+                               downsample_ratio=args.downsample_ratio) for n in names]
         print(f"scoring {len(methods)} method(s) on {len(clips)} clip(s) from {args.data}")
         results = evaluate(clips, methods, max_frames=args.max_frames)
     except OAVMError as exc:
