@@ -180,6 +180,32 @@ def test_six_steps_equal_three_plus_resume_three(datasets: Path, tmp_path: Path)
     assert exported is not None
 
 
+def test_weight_average_is_exported_and_resumes_exactly(datasets: Path, tmp_path: Path):
+    """With train.ema_decay the exported weights are the running average (not the last step's weights), and a
+    resumed run continues that average: 6 steps straight export the same weights as 3 + resume + 3."""
+    from oavm_service.checkpoint import load_checkpoint
+
+    recipe = _recipe(datasets)
+    recipe.train.ema_decay = 0.8
+    cpu = torch.device("cpu")
+    loop.train(recipe, tmp_path / "a", device=cpu)
+    loop.train(recipe, tmp_path / "b", device=cpu, max_steps=3)
+    loop.train(recipe, tmp_path / "b", device=cpu, resume=tmp_path / "b/checkpoints/last.pt")
+    straight = load_checkpoint(tmp_path / "a/final.safetensors")[0].state_dict()
+    resumed = load_checkpoint(tmp_path / "b/final.safetensors")[0].state_dict()
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+
+    state = torch.load(tmp_path / "a/checkpoints/last.pt", weights_only=False)
+    key = "ogcr.fuse.weight"     # trained from zero: raw and averaged weights must differ after 6 steps
+    raw, avg = state["model"][key], state["ema"][key]
+    assert not torch.allclose(raw, avg)
+    assert torch.allclose(straight[key].float(), avg.float(), atol=1e-3)   # exported fp16 = the average
+
+    recipe.train.ema_decay = 1.5
+    with pytest.raises(OAVMInputError, match="ema_decay"):
+        loop.train(recipe, tmp_path / "c", device=cpu, max_steps=1)
+
+
 def test_cli_explains_a_missing_recipe(capsys):
     assert loop.main(["--config", "configs/does-not-exist.toml"]) == 2
     assert "configs/*.toml" in capsys.readouterr().err

@@ -599,10 +599,10 @@ def whole_object_alpha(alpha: np.ndarray, labels: np.ndarray, object_ids: list[i
     """
     from scipy import ndimage
 
-    from .teacher import _band_px
+    from .teacher import band_px
 
     out = alpha.copy()
-    band = _band_px(labels.shape[1:], None)
+    band = band_px(labels.shape[1:], None)
     for t in range(alpha.shape[0]):
         for k, obj in enumerate(object_ids):
             mask = labels[t] == obj

@@ -19,6 +19,7 @@ Outputs in ``--out`` (default ``runs/<recipe name>``): ``train.log``, ``scalars.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import dataclasses
 import math
@@ -92,6 +93,8 @@ class TrainConfig:
     freeze_batchnorm: bool = True      # keep BN statistics of the (pretrained) backbone; batches here are small
     cache_dir: str = ".cache/teacher"
     teacher_scale: float = 2.0
+    ema_decay: float = 0.0             # > 0: validate and export an exponential moving average of the weights
+                                       # (0.99 ~ the last 100 steps): batch-1 CPU training is noisy step to step
 
 
 @dataclass
@@ -456,11 +459,51 @@ class Position:
     elapsed_s: float = 0.0
 
 
-def save_training_state(path: Path, model, optimizer, scheduler, scaler, pos: Position, recipe: Recipe) -> None:
+class WeightAverage:
+    """Exponential moving average of the floating-point weights: ``avg <- d avg + (1 - d) w`` after every step.
+
+    Validation and the exported checkpoints use the average (:meth:`applied`); the optimizer keeps training the
+    raw weights. With one clip per step the raw weights jump from step to step (held-out J swung by +-0.08
+    between validations 40 steps apart); the average is the usual remedy (Polyak averaging, as in many
+    segmentation and matting trainers).
+    """
+
+    def __init__(self, model: torch.nn.Module, decay: float, state: dict[str, torch.Tensor] | None = None) -> None:
+        if not 0.0 < decay < 1.0:
+            raise OAVMInputError(f"train.ema_decay must be in (0, 1) (e.g. 0.99), or 0 for no average; got {decay}")
+        self.decay = decay
+        current = model.state_dict()
+        self.average = {k: (state[k] if state and k in state else v).detach().clone().to(v.device)
+                        for k, v in current.items() if v.dtype.is_floating_point}
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module) -> None:
+        for k, v in model.state_dict().items():
+            if k in self.average:
+                self.average[k].lerp_(v.detach(), 1.0 - self.decay)
+
+    @contextlib.contextmanager
+    def applied(self, model: torch.nn.Module):
+        """The model with the averaged weights inside the block, its own weights again after it."""
+        own = {k: v.detach().clone() for k, v in model.state_dict().items() if k in self.average}
+        model.load_state_dict(self.average, strict=False)
+        try:
+            yield model
+        finally:
+            model.load_state_dict(own, strict=False)
+
+
+def _averaged(model, average: WeightAverage | None):
+    return average.applied(model) if average is not None else contextlib.nullcontext(model)
+
+
+def save_training_state(path: Path, model, optimizer, scheduler, scaler, pos: Position, recipe: Recipe,
+                        average: WeightAverage | None = None) -> None:
     """Everything ``--resume`` needs, written atomically (a kill mid-write keeps the previous checkpoint)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+    torch.save({"model": model.state_dict(), "ema": average.average if average is not None else None,
+                "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler else None,
                 "rng": rng_state(), "position": dataclasses.asdict(pos), "recipe": recipe.source,
                 "format": "oavm-train-state-1"}, tmp)
@@ -538,6 +581,11 @@ def train(recipe: Recipe, out: Path, *, device: torch.device, resume: Path | Non
     num_classes = model.config.num_classes
     if state:
         model.load_state_dict(state["model"])
+    average = None
+    if cfg.ema_decay:
+        average = WeightAverage(model, cfg.ema_decay, state.get("ema") if state else None)
+        if state and not state.get("ema"):
+            log("the resumed checkpoint has no weight average: it starts from the resumed weights")
     use_amp = device.type == "cuda" and cfg.amp
     losses: list[float] = []
     start = time.monotonic()
@@ -594,6 +642,8 @@ def train(recipe: Recipe, out: Path, *, device: torch.device, resume: Path | Non
             else:
                 optimizer.step()
             scheduler.step()
+            if average is not None:
+                average.update(model)
             pos.step += 1
             pos.global_step += 1
             losses.append(loss.parts["total"])
@@ -615,21 +665,27 @@ def train(recipe: Recipe, out: Path, *, device: torch.device, resume: Path | Non
             if cfg.sample_every and pos.global_step % cfg.sample_every == 0:
                 write_samples(out / "samples" / f"step_{pos.global_step:06d}.png", batch, pred)
             if cfg.val_every and recipe.validation and pos.global_step % cfg.val_every == 0:
-                _validate_and_keep_best(model, samplers, recipe, stage, device, num_classes, pos, out, log, logger)
+                with _averaged(model, average):
+                    _validate_and_keep_best(model, samplers, recipe, stage, device, num_classes, pos, out, log,
+                                            logger)
             if cfg.checkpoint_every and pos.global_step % cfg.checkpoint_every == 0:
-                save_training_state(out / "checkpoints" / "last.pt", model, optimizer, scheduler, scaler, pos, recipe)
+                save_training_state(out / "checkpoints" / "last.pt", model, optimizer, scheduler, scaler, pos, recipe,
+                                    average)
         pos.elapsed_s += time.monotonic() - start
         if stopped:
-            save_training_state(out / "checkpoints" / "last.pt", model, optimizer, scheduler, scaler, pos, recipe)
+            save_training_state(out / "checkpoints" / "last.pt", model, optimizer, scheduler, scaler, pos, recipe,
+                                average)
             break
         pos.stage, pos.step = stage_index + 1, 0
         state = None
-        save_training_state(out / "checkpoints" / "last.pt", model, optimizer, scheduler, scaler, pos, recipe)
+        save_training_state(out / "checkpoints" / "last.pt", model, optimizer, scheduler, scaler, pos, recipe,
+                            average)
     if not stopped:
-        if cfg.val_every and recipe.validation and all(n in samplers for n in recipe.validation):
-            _validate_and_keep_best(model, samplers, recipe, recipe.stages[-1], device, num_classes, pos, out,
-                                    log, logger)
-        export_inference(model, out / "final.safetensors", _meta(recipe, pos))
+        with _averaged(model, average):
+            if cfg.val_every and recipe.validation and all(n in samplers for n in recipe.validation):
+                _validate_and_keep_best(model, samplers, recipe, recipe.stages[-1], device, num_classes, pos, out,
+                                        log, logger)
+            export_inference(model, out / "final.safetensors", _meta(recipe, pos))
         log(f"done: {out / 'final.safetensors'} (fp16)")
     logger.close()
     return losses
@@ -652,6 +708,7 @@ def _meta(recipe: Recipe, pos: Position) -> dict[str, Any]:
     stage = recipe.stages[min(pos.stage, len(recipe.stages) - 1)].name
     return {"trained_with": "oavm train", "recipe": recipe.name, "init": recipe.train.init,
             "global_step": pos.global_step, "stage": stage, "stages_completed": pos.stage,
+            "ema_decay": recipe.train.ema_decay,
             "recipe_source": recipe.source}
 
 

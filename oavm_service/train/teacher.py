@@ -149,7 +149,8 @@ class PseudoAlphaConfig:
     min_agreement: float = 0.5
 
 
-def _band_px(shape: tuple[int, int], band: int | None) -> int:
+def band_px(shape: tuple[int, int], band: int | None) -> int:
+    """Width in pixels of the soft band around an object's mask edge: the given one, else 2 % of the short side."""
     return band if band is not None else max(2, math.ceil(0.02 * min(shape)))
 
 
@@ -175,7 +176,7 @@ def pseudo_alpha(rvm_alpha: np.ndarray, object_mask: np.ndarray,
     mask = mask > (0.5 if mask.dtype.kind == "f" else 0)
     if not mask.any():
         return np.zeros_like(rvm_alpha)
-    band = disk(_band_px(mask.shape, config.band))
+    band = disk(band_px(mask.shape, config.band))
     outer = ndimage.binary_dilation(mask, band)
     core = ndimage.binary_erosion(mask, band, border_value=1)
     rvm_fg = (rvm_alpha > 0.5) & outer
