@@ -103,6 +103,19 @@ def test_bad_folders_say_what_to_do(tmp_path, data_dir, capsys):
         E.find_clips(tmp_path / "nogt")
     assert E.main(["--data", str(tmp_path / "nowhere"), "--baseline", "copy-mask"]) == 2
     assert "does not exist" in capsys.readouterr().err
+    assert E.main(["--data", str(data_dir), "--downsample-ratio", "1.5"]) == 2
+    assert "--downsample-ratio must be in (0, 1]" in capsys.readouterr().err
+
+
+def test_downsample_ratio_reaches_the_engine(data_dir, tmp_path, tiny_model):
+    """--downsample-ratio runs the checkpoint's network at that fraction of the clip's size."""
+    checkpoint = save_checkpoint(tmp_path / "tiny.safetensors", tiny_model, meta={"name": "tiny-test"})
+    method = E.make_method("checkpoint", checkpoint=checkpoint, device="cpu", downsample_ratio=0.5)
+    clip = data_dir / "disc"
+    frame = read_rgb(sorted((clip / "frames").iterdir())[0])
+    alpha = method.start(frame, (read_grey(sorted((clip / "alpha").iterdir())[0]) > 0.5).astype(np.float32))
+    assert alpha.shape == frame.shape[:2]
+    assert method.session.effective_downsample_ratio(*frame.shape[:2]) == 0.5
 
 
 def test_composite_eval_set(tmp_path, capsys):

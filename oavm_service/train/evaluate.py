@@ -396,11 +396,11 @@ def main(argv: list[str] | None = None) -> int:
             raise OAVMInputError("give --data FOLDER (clips to score), or --make-composite-set DIR to build one.")
         if args.max_frames is not None and args.max_frames < 1:
             raise OAVMInputError("--max-frames must be 1 or more.")
+        if args.downsample_ratio is not None and not 0.0 < args.downsample_ratio <= 1.0:
+            raise OAVMInputError("--downsample-ratio must be in (0, 1], e.g. 0.5 to run the network at half size.")
         clips = find_clips(args.data, args.clips.split(",") if args.clips else None)
         names = (["checkpoint"] if args.checkpoint is not None or not args.baseline else []) + \
             list(dict.fromkeys(args.baseline))
-        if args.downsample_ratio is not None and not 0.0 < args.downsample_ratio <= 1.0:
-            raise OAVMInputError("--downsample-ratio must be in (0, 1], e.g. 0.5 to run the network at half size.")
         methods = [make_method(n, checkpoint=args.checkpoint, device=args.device, rvm_onnx=args.rvm_onnx,
                                downsample_ratio=args.downsample_ratio) for n in names]
         print(f"scoring {len(methods)} method(s) on {len(clips)} clip(s) from {args.data}")
