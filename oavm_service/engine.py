@@ -86,7 +86,8 @@ class Engine:
         self.device = resolve_device(device)
         self.precision = resolve_precision(precision, self.device)
         # eval mode (batch-norm statistics); gradients are off via inference_mode. Channels-last layout on the GPU
-        # (tensor cores); on the CPU the default layout measured 9 % faster at 512x288 (2-core EPYC, bench).
+        # (tensor cores); on the CPU the default layout was as fast with 2 threads and 9 % faster with one busy
+        # thread at 512x288 (2-core EPYC, docs/performance.md).
         model = model.eval()
         if optimize:
             model = optimize_for_inference(copy.deepcopy(model))
