@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from typing import Iterator
 
 from bench.common import OBJECT_ID, DeviceSpec, Resolution, SampleClip, cuda_sync
-from bench.models import Checkpoint, free_memory, open_engine
+from bench.models import Checkpoint, bench_session, free_memory, open_engine
 from bench.report import Row, not_measured
 
 STAGES = ("backbone", "pfe", "oqg", "ogcr", "decoder", "refiner")
@@ -79,8 +79,7 @@ def profile_steps(engine, res: Resolution, steps: int, warmup: int) -> dict:
     on_cuda = device.startswith("cuda")
     sync = cuda_sync(device)
     clip = SampleClip(res.width, res.height)
-    # mattes only, as the service by default (want_foreground false)
-    session = engine.new_session(downsample_ratio=res.downsample_ratio, foreground=False)
+    session = bench_session(engine, res)
     session.step(clip.frame(0), {OBJECT_ID: clip.mask})
     for i in range(1, 1 + warmup):
         session.step(clip.frame(i))

@@ -13,7 +13,7 @@ import time
 
 from bench.common import OBJECT_ID, DeviceSpec, PeakMemory, Resolution, SampleClip, cuda_sync, mib, \
     one_spec_per_device
-from bench.models import Checkpoint, free_memory, open_engine
+from bench.models import Checkpoint, bench_session, free_memory, open_engine
 from bench.report import MEMORY_GROWTH_MAX, Row, not_measured, verdict
 
 
@@ -47,8 +47,7 @@ def _rows_on(spec: DeviceSpec, res: Resolution, lengths: list[int], ckpt: Checkp
     clip = SampleClip(res.width, res.height)
     memory = PeakMemory(str(engine.device))
     sync = cuda_sync(str(engine.device))
-    # mattes only, as the service by default (want_foreground false)
-    session = engine.new_session(downsample_ratio=res.downsample_ratio, foreground=False)
+    session = bench_session(engine, res)
     memory.reset()
     session.step(clip.frame(0), {OBJECT_ID: clip.mask})
     readings: dict[int, tuple[int, int, float]] = {}   # length -> (peak bytes, session tensor bytes, seconds)

@@ -10,7 +10,7 @@ import gc
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.common import DeviceSpec
+from bench.common import DeviceSpec, Resolution
 
 CHOICES = ("auto", "shipped", "random", "random-tiny")
 
@@ -73,6 +73,12 @@ def open_engine(ckpt: Checkpoint, spec: DeviceSpec, *, cuda_graphs: bool = False
     if cuda_graphs and spec.device == "cuda":
         use_cuda_graphs(engine.model)
     return engine
+
+
+def bench_session(engine, res: Resolution):
+    """A new clip session at ``res``'s downsample ratio, mattes only: what the service runs unless a clip asks
+    for the foreground colour (``want_foreground``), so every bench times the product's default step."""
+    return engine.new_session(downsample_ratio=res.downsample_ratio, foreground=False)
 
 
 def use_cuda_graphs(model) -> None:

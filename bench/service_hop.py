@@ -25,7 +25,7 @@ import numpy as np
 
 from bench.common import OBJECT_ID, REPO, DeviceSpec, PeakMemory, Resolution, RunOptions, SampleClip, Timing, \
     cuda_sync, mib, one_spec_per_device
-from bench.models import Checkpoint, free_memory, open_engine
+from bench.models import Checkpoint, bench_session, free_memory, open_engine
 from bench.report import SERVICE_OVERHEAD_MAX, SERVICE_TARGET_SIZE, Row, not_measured, verdict
 
 READY_TEXT = "listening on"
@@ -108,8 +108,7 @@ def hop_row(client, service: Service, engine, spec: DeviceSpec, res: Resolution,
     clip_id = "bench-" + res.label.replace(" ", "-")    # one clip per row: the log is searched by clip id
     sync = cuda_sync(str(engine.device))
     service_memory = PeakMemory("cpu", service.proc.pid) if spec.device == "cpu" else None
-    # mattes only, as the service by default (want_foreground false)
-    session = engine.new_session(downsample_ratio=res.downsample_ratio, foreground=False)
+    session = bench_session(engine, res)
     if service_memory:
         service_memory.reset()
     frame = _float_frame(clip, 0)

@@ -14,7 +14,7 @@ import torch
 
 from bench.common import OBJECT_ID, DeviceSpec, PeakMemory, Resolution, RunOptions, SampleClip, Timing, \
     cuda_sync, mib, time_steps
-from bench.models import Checkpoint, free_memory, open_engine
+from bench.models import Checkpoint, bench_session, free_memory, open_engine
 from bench.report import Row, not_measured, speed_target, speed_target_text, verdict
 
 
@@ -33,8 +33,7 @@ def run_session(engine, res: Resolution, opts: RunOptions,
     clip = SampleClip(res.width, res.height)
     device = str(engine.device)
     memory = PeakMemory(device)
-    # mattes only, as the service by default (want_foreground false)
-    session = engine.new_session(downsample_ratio=res.downsample_ratio, foreground=False)
+    session = bench_session(engine, res)
     memory.reset()
     session.step(frame_of(clip, 0), {OBJECT_ID: clip.mask})
     timing = time_steps(lambda i: frame_of(clip, i), session.step, start=1, warmup=opts.warmup,

@@ -172,6 +172,13 @@ class MaskedSequence:
         return MaskedSequence(self.name, [self.frames[i] for i in keep], [self.masks[i] for i in keep])
 
 
+def _masked_sequence(name: str, frames_dir: Path, masks_dir: Path) -> MaskedSequence:
+    """The frames of ``frames_dir`` with the mask of the same file stem from ``masks_dir`` (None where missing)."""
+    frames = _images_in(frames_dir)
+    by_stem = {p.stem: p for p in _images_in(masks_dir)} if masks_dir.is_dir() else {}
+    return MaskedSequence(name, frames, [by_stem.get(f.stem) for f in frames])
+
+
 def masked_videos(root: str | os.PathLike, *, frames_dir: str = "frames", masks_dir: str = "masks",
                   include: Sequence[str] | None = None, exclude: Sequence[str] = ()) -> list[MaskedSequence]:
     """Sequences laid out as ``<root>/<seq>/<frames_dir>/*`` + ``<root>/<seq>/<masks_dir>/*.png`` (DAVIS style).
@@ -187,10 +194,7 @@ def masked_videos(root: str | os.PathLike, *, frames_dir: str = "frames", masks_
     for name in names:
         if (include is not None and name not in include) or name in exclude:
             continue
-        frames = _images_in(root / name / frames_dir)
-        mask_dir = root / name / masks_dir
-        by_stem = {p.stem: p for p in _images_in(mask_dir)} if mask_dir.is_dir() else {}
-        out.append(MaskedSequence(name, frames, [by_stem.get(f.stem) for f in frames]))
+        out.append(_masked_sequence(name, root / name / frames_dir, root / name / masks_dir))
     if not out:
         raise OAVMInputError(f"{root}: no sequences with a '{frames_dir}' folder were selected")
     return out
@@ -206,10 +210,7 @@ def youtubevos_videos(root: str | os.PathLike, split: str = "train", **select) -
     for video in sorted(p.name for p in (base / "JPEGImages").iterdir() if p.is_dir()):
         if (include is not None and video not in include) or video in exclude:
             continue
-        frames = _images_in(base / "JPEGImages" / video)
-        ann = base / "Annotations" / video
-        by_stem = {p.stem: p for p in _images_in(ann)} if ann.is_dir() else {}
-        seq = MaskedSequence(video, frames, [by_stem.get(f.stem) for f in frames]).annotated()
+        seq = _masked_sequence(video, base / "JPEGImages" / video, base / "Annotations" / video).annotated()
         if seq.frames:
             out.append(seq)
     return out

@@ -231,6 +231,12 @@ def draw_batch(samplers: dict[str, D.ClipSampler], stage: StageConfig, seed: int
 
 # ============================================================================================== model
 
+def _in_module(param_name: str, prefix: str) -> bool:
+    """Whether a parameter belongs to the module ``prefix`` names (``decoder`` holds ``decoder.decode3...``, not
+    a sibling such as ``decoder2...``): the rule of ``train.freeze`` and ``lr_scales``."""
+    return param_name == prefix or param_name.startswith(prefix + ".")
+
+
 def build_model(recipe: Recipe, log: Callable[[str], None]) -> torch.nn.Module:
     """The network with its training heads, initialised as the recipe says."""
     from oavm_service.model import OAVM, OAVMConfig
@@ -251,7 +257,7 @@ def build_model(recipe: Recipe, log: Callable[[str], None]) -> torch.nn.Module:
     else:
         log("init: random")
     for name, p in model.named_parameters():
-        if any(name == f or name.startswith(f + ".") for f in recipe.train.freeze):
+        if any(_in_module(name, f) for f in recipe.train.freeze):
             p.requires_grad_(False)
     if recipe.train.freeze:
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -313,8 +319,7 @@ def compute_loss(pred: Predictions, batch: D.Batch, cfg: LossConfig, num_classes
 def param_groups(model: torch.nn.Module, stage: StageConfig) -> list[dict[str, Any]]:
     """AdamW groups: no weight decay on norms/biases/embeddings; modules in ``stage.lr_scales`` at their factor."""
     def scale_of(name: str) -> float:
-        return next((f for prefix, f in stage.lr_scales.items() if name == prefix or name.startswith(prefix + ".")),
-                    1.0)
+        return next((f for prefix, f in stage.lr_scales.items() if _in_module(name, prefix)), 1.0)
 
     groups: dict[tuple[float, bool], list[torch.nn.Parameter]] = {}
     for name, p in model.named_parameters():
