@@ -106,7 +106,10 @@ def read_checkpoint_header(path: str | os.PathLike | None = None) -> dict[str, A
                               f"{FORMAT_VERSION!r}; use the OAVM release that wrote it "
                               f"(oavm_version {metadata.get('oavm_version')!r}) or re-create the checkpoint")
     try:
-        config = OAVMConfig.from_dict(json.loads(metadata["config"]))
+        stored = json.loads(metadata["config"])
+        if isinstance(stored, dict):  # written before the field existed: OQG's dense pixel decoder
+            stored.setdefault("pixel_decoder", "full")
+        config = OAVMConfig.from_dict(stored)
         meta = json.loads(metadata.get("meta", "{}"))
     except (KeyError, TypeError, ValueError) as exc:
         raise CheckpointError(f"{path} has an unusable model config in its metadata ({exc}); "

@@ -85,13 +85,13 @@ class Engine:
         gates fused (:mod:`oavm_service.model.fuse`; same results, faster); the caller's model stays trainable."""
         self.device = resolve_device(device)
         self.precision = resolve_precision(precision, self.device)
-        # eval mode (batch-norm statistics); gradients are off via inference_mode. Channels-last layout on the GPU
-        # (tensor cores); on the CPU the default layout was as fast with 2 threads and 9 % faster with one busy
-        # thread at 512x288 (2-core EPYC, docs/performance.md).
+        # eval mode (batch-norm statistics); gradients are off via inference_mode. Channels-last layout: tensor
+        # cores on the GPU; on the CPU oneDNN's convolutions then skip reordering the full-resolution decoder
+        # maps (docs/performance.md has the A/B).
         model = model.eval()
         if optimize:
             model = optimize_for_inference(copy.deepcopy(model))
-        self.memory_format = torch.channels_last if self.device.type == "cuda" else torch.contiguous_format
+        self.memory_format = torch.channels_last
         self.model = model.to(self.device).to(memory_format=self.memory_format)
         self.checkpoint_info = checkpoint_info or {"path": None, "sha256": None, "version": None,
                                                    "config": model.config.to_dict()}

@@ -125,6 +125,19 @@ def test_config_mismatch_is_refused(saved, tmp_path):
         load_checkpoint(newer)
 
 
+def test_checkpoint_from_before_the_pixel_decoder_field_builds_the_dense_one(tmp_path):
+    """Checkpoints written before ``OAVMConfig.pixel_decoder`` existed had dense 3x3 convolutions there: they
+    must still load (as "full"), not be read as the new default and refused."""
+    torch.manual_seed(0)
+    dense = OAVM(OAVMConfig.tiny(pixel_decoder="full")).eval()
+    path = save_checkpoint(tmp_path / "dense.safetensors", dense, dtype=None)
+    old_config = {k: v for k, v in dense.config.to_dict().items() if k != "pixel_decoder"}
+    old = _rewrite(path, tmp_path / "old.safetensors", metadata_changes={"config": json.dumps(old_config)})
+    model, _ = load_checkpoint(old)
+    assert model.config.pixel_decoder == "full"
+    assert all(torch.equal(v, dense.state_dict()[k]) for k, v in model.state_dict().items())
+
+
 def test_config_json_round_trip_and_validation():
     cfg = OAVMConfig.tiny(backbone="resnet50")
     assert OAVMConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg

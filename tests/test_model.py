@@ -236,13 +236,59 @@ def test_optimize_for_inference_changes_no_result(backbone, make_clip):
         optimize_for_inference(copy.deepcopy(model).train())
 
 
-def test_oqg_inference_path_gives_the_training_path_queries(tiny_model):
-    """Without per-layer outputs OQG predicts the attention masks at their own scale: q_o must not change."""
+@pytest.mark.parametrize("pixel_decoder", ["separable", "full"])
+def test_oqg_inference_path_gives_the_training_path_queries(tiny_model, pixel_decoder):
+    """Without per-layer outputs OQG predicts the attention masks at their own scale, with the mask features'
+    projection folded into the queries: q_o must not change."""
+    model = tiny_model
+    if pixel_decoder != model.config.pixel_decoder:
+        torch.manual_seed(1)
+        model = OAVM(model.config.replace(pixel_decoder=pixel_decoder)).eval()
+    with torch.no_grad():  # a bias in the projection, so that folding it is tested too
+        model.oqg.pixel_decoder.mask_features.bias.normal_(0.0, 0.5)
     torch.manual_seed(0)
     x = torch.rand(1, 3, 80, 112)
     with torch.no_grad():
-        feats = tiny_model.encode_frame(x)
-        full = tiny_model.generate_queries(feats, layer_outputs=True)
-        fast = tiny_model.generate_queries(feats, layer_outputs=False)
-    assert len(full.mask_logits) == tiny_model.config.num_decoder_layers + 1 and fast.mask_logits == []
+        feats = model.encode_frame(x)
+        full = model.generate_queries(feats, layer_outputs=True)
+        fast = model.generate_queries(feats, layer_outputs=False)
+    assert len(full.mask_logits) == model.config.num_decoder_layers + 1 and fast.mask_logits == []
+    masks = [(m >= 0).float().mean().item() for m in full.mask_logits[:-1]]
+    assert any(0.05 < f < 0.95 for f in masks), masks   # the attention masks are not all trivially open
     assert torch.allclose(fast.q_o, full.q_o, atol=1e-5)
+
+
+def test_light_pixel_decoder_is_separable_and_light():
+    """OQG's pixel decoder (the default): depthwise 3x3 + pointwise 1x1 convolutions, about an eighth of the dense
+    one's multiply-adds at C = 128; the same output shapes."""
+    from oavm_service.model.oqg import PixelDecoder
+
+    light, dense = PixelDecoder(128, (40, 24), separable=True), PixelDecoder(128, (40, 24), separable=False)
+    convs = [m for m in light.conv2.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert [(m.groups, m.kernel_size) for m in convs] == [(128, (3, 3)), (1, (1, 1))]
+    count = lambda m: sum(p.numel() for n, p in m.named_parameters() if n.startswith("conv"))  # noqa: E731
+    assert count(light) < count(dense) / 7
+    x4, f3, f2 = torch.rand(1, 128, 4, 6), torch.rand(1, 40, 8, 12), torch.rand(1, 24, 16, 24)
+    with torch.no_grad():
+        (ls, lm), (ds, dm) = light(x4, f3, f2), dense(x4, f3, f2)
+    assert [t.shape for t in ls + [lm]] == [t.shape for t in ds + [dm]]
+    assert OAVMConfig().pixel_decoder == "separable"
+    with pytest.raises(ValueError, match="pixel_decoder must be one of"):
+        OAVMConfig(pixel_decoder="dense")
+
+
+def test_cat_channels_keeps_channels_last_and_values():
+    """The decoder's concatenation: torch.cat's values, in channels-last layout when the maps are (crops and
+    channel slices of channels-last maps included), the default layout otherwise; gradients flow."""
+    from oavm_service.model.layers import cat_channels
+
+    cl = torch.channels_last
+    x = torch.rand(1, 6, 10, 12).contiguous(memory_format=cl).requires_grad_()
+    s = torch.rand(1, 3, 9, 11).contiguous(memory_format=cl)
+    parts = [x[:, :, :9, :11], x[:, 2:4, :9, :11], s]          # a crop, a channel slice of a crop, a whole map
+    out = cat_channels(parts)
+    assert torch.equal(out, torch.cat(parts, dim=1)) and out.is_contiguous(memory_format=cl)
+    out.sum().backward()
+    assert x.grad is not None and x.grad[:, 2:4, :9, :11].eq(2).all() and x.grad[:, :, 9:].eq(0).all()
+    plain = [torch.rand(1, 2, 5, 5), torch.rand(1, 3, 5, 5)]
+    assert cat_channels(plain).is_contiguous() and torch.equal(cat_channels(plain), torch.cat(plain, dim=1))

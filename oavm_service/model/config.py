@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 BACKBONES = ("mobilenetv3_large", "resnet50")
+PIXEL_DECODERS = ("separable", "full")
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,8 @@ class OAVMConfig:
     window: int = 15                  # w: local attention window to the short-term memory (Eq. 4)
     dilation_ks: int = 3              # ks: dilation kernel of the cross-frame guidance (Eq. 7, Table 5)
     decoder_channels: tuple[int, int, int, int] = (80, 40, 32, 16)  # RVM's decode3..decode0 widths
+    pixel_decoder: str = "separable"  # OQG's "lightweight pixel decoder": depthwise-separable 3x3 convolutions;
+                                      # "full": dense 3x3 (8x the work at stride 4; checkpoints before 2026-11-26)
     num_classes: int = 1              # object classes of the set-prediction head (training only)
     train_heads: bool = False         # build the set-prediction head (training); inference never needs it
 
@@ -38,6 +41,8 @@ class OAVMConfig:
         problems = []
         if self.backbone not in BACKBONES:
             problems.append(f"backbone must be one of {', '.join(BACKBONES)} (got {self.backbone!r})")
+        if self.pixel_decoder not in PIXEL_DECODERS:
+            problems.append(f"pixel_decoder must be one of {', '.join(PIXEL_DECODERS)} (got {self.pixel_decoder!r})")
         for name in ("c", "key_dim", "num_queries", "num_heads", "num_decoder_layers", "num_classes"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:

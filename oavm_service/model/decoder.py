@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .layers import cat_channels
+
 
 class ZeroStateConvGRU(nn.Module):
     """RVM's ConvGRU cell evaluated with a zero hidden state: h' = z * c, z = sigmoid(ih([x, 0])), c = tanh(hh([x, 0])).
@@ -52,7 +54,7 @@ class ZeroStateConvGRU(nn.Module):
 def _gru_on_second_half(gru: ZeroStateConvGRU, x: torch.Tensor) -> torch.Tensor:
     """RVM's blocks pass the second half of their channels through the GRU and keep the first half."""
     a, b = x.split(gru.channels, dim=1)
-    return torch.cat([a, gru(b)], dim=1)
+    return cat_channels([a, gru(b)])
 
 
 class BottleneckBlock(nn.Module):
@@ -79,7 +81,7 @@ class UpsamplingBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, f: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
         x = self.upsample(x)[:, :, :s.size(2), :s.size(3)]
-        return _gru_on_second_half(self.gru, self.conv(torch.cat([x, f, s], dim=1)))
+        return _gru_on_second_half(self.gru, self.conv(cat_channels([x, f, s])))
 
 
 class OutputBlock(nn.Module):
@@ -96,7 +98,7 @@ class OutputBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
         x = self.upsample(x)[:, :, :s.size(2), :s.size(3)]
-        return self.conv(torch.cat([x, s], dim=1))
+        return self.conv(cat_channels([x, s]))
 
 
 class MattingDecoder(nn.Module):

@@ -136,6 +136,19 @@ class MLP(nn.Module):
         return x
 
 
+def cat_channels(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """``torch.cat(tensors, dim=1)`` that keeps a channels-last layout.
+
+    On the CPU torch.cat of channels-last maps returns the default layout; the next convolution then reorders its
+    input, and at full resolution the decoder's cat + convolution took 2-3x as long (512x288, 2-core EPYC).
+    Concatenating the NHWC views along their last axis gives the same values in channels-last layout (and stays
+    differentiable). Channels-last here means channels vary fastest (stride 1), which also holds for the crops
+    and channel slices of channels-last maps that the decoder concatenates."""
+    if all(t.dim() == 4 and t.stride(1) == 1 for t in tensors):
+        return torch.cat([t.permute(0, 2, 3, 1) for t in tensors], dim=3).permute(0, 3, 1, 2)
+    return torch.cat(tensors, dim=1)
+
+
 def group_norm(channels: int) -> nn.GroupNorm:
     """GroupNorm with up to 8 groups (batch-size independent; the pixel decoder sees batches of 1 at inference)."""
     groups = math.gcd(channels, 8)

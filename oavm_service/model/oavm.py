@@ -133,7 +133,7 @@ class OAVM(nn.Module):
         self.aspp = LRASPP(ch[3], cfg.c)
         self.pfe = PixelFeatureExtraction(cfg.c, cfg.key_dim, cfg.window)
         self.oqg = ObjectQueryGeneration(cfg.c, (ch[2], ch[1]), cfg.num_queries, cfg.num_heads,
-                                         cfg.num_decoder_layers)
+                                         cfg.num_decoder_layers, separable=cfg.pixel_decoder == "separable")
         self.ogcr = ObjectGuidedCorrectionRefinement(cfg.c, cfg.num_queries, cfg.num_heads, cfg.dilation_ks)
         self.decoder = MattingDecoder((ch[0], ch[1], ch[2], cfg.c), cfg.decoder_channels)
         hid = cfg.decoder_channels[-1]
