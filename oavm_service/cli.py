@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("oavm_service.train.loop", "train from a recipe file (configs/*.toml)"),
     "eval": ("oavm_service.train.evaluate", "evaluate a checkpoint: MAD, MSE, Grad, Conn, dtSSD, J, F"),
     "import-rvm": ("oavm_service.train.import_rvm", "load RVM's pretrained weights (ONNX) into an OAVM checkpoint"),
+    "distill": ("oavm_service.train.distill", "move a trained checkpoint to the light pixel decoder (distillation)"),
 }
 
 

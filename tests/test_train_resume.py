@@ -209,3 +209,62 @@ def test_weight_average_is_exported_and_resumes_exactly(datasets: Path, tmp_path
 def test_cli_explains_a_missing_recipe(capsys):
     assert loop.main(["--config", "configs/does-not-exist.toml"]) == 2
     assert "configs/*.toml" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------- distillation
+
+def test_distill_teaches_the_light_pixel_decoder_the_dense_ones_outputs(datasets: Path):
+    """The student keeps every tensor it shares with the teacher except the pixel decoder's, which alone learns,
+    and comes to reproduce all four outputs far better than it starts."""
+    from conftest import calibrated_tiny_model
+    from oavm_service.train import distill
+
+    teacher = calibrated_tiny_model(pixel_decoder="full")   # = the tiny recipe's [model]; live activations
+    assert teacher.config.to_dict() == {**teacher.config.to_dict(), **_recipe(datasets).model}
+    lines: list[str] = []
+    result = distill.distill_pixel_decoder(teacher, teacher.config.replace(pixel_decoder="separable"),
+                                           distill.recipe_frames(_recipe(datasets), None, lines.append), steps=80,
+                                           lr=3e-3, log=lines.append)
+    assert result.student.config.pixel_decoder == "separable" and result.steps == 80
+    assert "freshly initialised: oqg.pixel_decoder.conv0, oqg.pixel_decoder.conv1, oqg.pixel_decoder.conv2" \
+        in lines[0]
+    for name in distill.OUTPUTS:
+        assert result.last_error[name] < 0.5 * result.first_error[name], (name, result.first_error, result.last_error)
+    ours, theirs = result.student.state_dict(), teacher.state_dict()
+    outside = [k for k in ours if not k.startswith("oqg.pixel_decoder.")]
+    assert outside and all(torch.equal(ours[k], theirs[k]) for k in outside)
+    assert not torch.equal(ours["oqg.pixel_decoder.lateral1.0.weight"], theirs["oqg.pixel_decoder.lateral1.0.weight"])
+
+
+def test_distill_command_writes_a_checkpoint_that_initialises_training(datasets: Path, tmp_path: Path):
+    """``oavm distill`` writes the student's checkpoint, says clearly when there is nothing to do or no such
+    stage, and a recipe whose init is the student trains from it (every shared tensor loaded)."""
+    from conftest import calibrated_tiny_model
+    from oavm_service.checkpoint import load_checkpoint, save_checkpoint
+    from oavm_service.train import distill
+
+    teacher = save_checkpoint(tmp_path / "teacher.safetensors", calibrated_tiny_model(pixel_decoder="full"))
+    recipe_file = tmp_path / "tiny.toml"
+    recipe_file.write_text(
+        f'name = "tiny"\n[train]\nseed = 3\ninit = "{tmp_path / "student.safetensors"}"\nval_every = 0\n'
+        f'[model]\nc = 32\nkey_dim = 16\nnum_queries = 4\nnum_heads = 2\nwindow = 7\n'
+        f'decoder_channels = [32, 24, 16, 16]\n'
+        f'[datasets.vos]\nkind = "video_seg"\nlayout = "youtubevos"\nroot = "{datasets / "ytvos"}"\n'
+        f'[[stages]]\nname = "s1"\ndatasets = {{ vos = 1 }}\nsize = [{SIZE}, {SIZE}]\nclip_length = 2\n'
+        f'lr = 1e-3\nsteps = 2\nwarmup_steps = 1\n')
+    common = ["--config", str(recipe_file), "--steps", "3", "--device", "cpu"]
+    assert distill.main(["--teacher", str(teacher), "--out", str(tmp_path / "student.safetensors"), *common]) == 0
+    student, meta = load_checkpoint(tmp_path / "student.safetensors")
+    assert student.config.pixel_decoder == "separable" and student.config.c == 32
+    assert meta["made_by"] == "oavm distill" and meta["stage"] == "s1" and meta["steps"] == 3
+    assert distill.main(["--teacher", str(tmp_path / "student.safetensors"), "--out",
+                         str(tmp_path / "again.safetensors"), *common]) == 2        # already separable
+    assert distill.main(["--teacher", str(teacher), "--out", str(tmp_path / "x.safetensors"), "--stage", "s9",
+                         *common]) == 2                                               # no such stage
+    assert not (tmp_path / "again.safetensors").exists() and not (tmp_path / "x.safetensors").exists()
+
+    recipe = loop.load_recipe(recipe_file)
+    recipe.model["pixel_decoder"] = "separable"
+    losses = loop.train(recipe, tmp_path / "run", device=torch.device("cpu"))
+    assert len(losses) == 2 and all(np.isfinite(losses))
+    assert "tensors loaded; freshly initialised: set_prediction; 0 unused" in (tmp_path / "run/train.log").read_text()

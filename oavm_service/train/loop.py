@@ -118,7 +118,7 @@ def _dataclass_from(cls, values: dict[str, Any], where: str):
     return cls(**values)
 
 
-def load_recipe(path: str | os.PathLike, overrides: dict[str, Any] | None = None) -> Recipe:
+def load_recipe(path: str | os.PathLike) -> Recipe:
     """Parse a TOML recipe. Paths inside it are relative to the repository root unless absolute."""
     path = Path(path)
     if not path.is_file():
@@ -237,6 +237,21 @@ def _in_module(param_name: str, prefix: str) -> bool:
     return param_name == prefix or param_name.startswith(prefix + ".")
 
 
+def load_matching(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> str:
+    """Load every tensor of ``weights`` whose name and shape the model has; say what was left out.
+
+    A checkpoint of another variant (e.g. the dense pixel decoder, ``OAVMConfig.pixel_decoder``) initialises all
+    the layers the variants share; the others keep their fresh initialisation."""
+    own = model.state_dict()
+    reshaped = sorted(k for k, v in weights.items() if k in own and own[k].shape != v.shape)
+    missing, unexpected = model.load_state_dict({k: v for k, v in weights.items() if k not in reshaped},
+                                                strict=False)
+    fresh = sorted(set(missing) | set(reshaped))
+    modules = sorted({k.rsplit(".", 2)[0] for k in fresh})  # e.g. oqg.pixel_decoder.conv0, set_prediction
+    return (f"({len(own) - len(fresh)} of {len(own)} tensors loaded; freshly initialised: "
+            f"{', '.join(modules) or 'none'}; {len(unexpected)} unused)")
+
+
 def build_model(recipe: Recipe, log: Callable[[str], None]) -> torch.nn.Module:
     """The network with its training heads, initialised as the recipe says."""
     from oavm_service.model import OAVM, OAVMConfig
@@ -252,8 +267,7 @@ def build_model(recipe: Recipe, log: Callable[[str], None]) -> torch.nn.Module:
     elif init not in ("random", ""):
         from oavm_service.checkpoint import load_checkpoint
         loaded, _ = load_checkpoint(_path(init))
-        missing, unexpected = model.load_state_dict(loaded.state_dict(), strict=False)
-        log(f"init: {init} ({len(missing)} missing keys, e.g. training heads; {len(unexpected)} unexpected)")
+        log(f"init: {init} " + load_matching(model, loaded.state_dict()))
     else:
         log("init: random")
     for name, p in model.named_parameters():
