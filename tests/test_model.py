@@ -277,7 +277,7 @@ def test_light_pixel_decoder_is_separable_and_light():
 
 
 def test_cat_channels_keeps_channels_last_and_values():
-    """The decoder's concatenation: torch.cat's values, in channels-last layout when the maps are (crops and
+    """The decoder's concatenation: torch.cat's values, in channels-last layout when the first map is (crops and
     channel slices of channels-last maps included), the default layout otherwise; gradients flow."""
     from oavm_service.model.layers import cat_channels
 
@@ -289,5 +289,8 @@ def test_cat_channels_keeps_channels_last_and_values():
     assert torch.equal(out, torch.cat(parts, dim=1)) and out.is_contiguous(memory_format=cl)
     out.sum().backward()
     assert x.grad is not None and x.grad[:, 2:4, :9, :11].eq(2).all() and x.grad[:, :, 9:].eq(0).all()
-    plain = [torch.rand(1, 2, 5, 5), torch.rand(1, 3, 5, 5)]
+    mixed = [x[:, :, :9, :11], torch.rand(1, 3, 9, 11)]         # a default-layout source image joins in
+    assert cat_channels(mixed).is_contiguous(memory_format=cl) and torch.equal(cat_channels(mixed),
+                                                                               torch.cat(mixed, dim=1))
+    plain = [torch.rand(1, 2, 5, 5), torch.rand(1, 3, 5, 5).contiguous(memory_format=cl)]
     assert cat_channels(plain).is_contiguous() and torch.equal(cat_channels(plain), torch.cat(plain, dim=1))

@@ -142,9 +142,10 @@ def cat_channels(tensors: list[torch.Tensor]) -> torch.Tensor:
     On the CPU torch.cat of channels-last maps returns the default layout; the next convolution then reorders its
     input, and at full resolution the decoder's cat + convolution took 2-3x as long (512x288, 2-core EPYC).
     Concatenating the NHWC views along their last axis gives the same values in channels-last layout (and stays
-    differentiable). Channels-last here means channels vary fastest (stride 1), which also holds for the crops
-    and channel slices of channels-last maps that the decoder concatenates."""
-    if all(t.dim() == 4 and t.stride(1) == 1 for t in tensors):
+    differentiable). The first map decides: channels-last here means its channels vary fastest (stride 1), which
+    also holds for the crops and channel slices of channels-last maps that the decoder concatenates; the others
+    (e.g. a 3-channel source image in either layout) are copied into the result whatever their layout."""
+    if tensors[0].dim() == 4 and tensors[0].stride(1) == 1 and tensors[0].shape[1] > 1:
         return torch.cat([t.permute(0, 2, 3, 1) for t in tensors], dim=3).permute(0, 3, 1, 2)
     return torch.cat(tensors, dim=1)
 
