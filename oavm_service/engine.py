@@ -91,8 +91,7 @@ class Engine:
         model = model.eval()
         if optimize:
             model = optimize_for_inference(copy.deepcopy(model))
-        self.memory_format = torch.channels_last
-        self.model = model.to(self.device).to(memory_format=self.memory_format)
+        self.model = model.to(self.device).to(memory_format=torch.channels_last)
         self.checkpoint_info = checkpoint_info or {"path": None, "sha256": None, "version": None,
                                                    "config": model.config.to_dict()}
 
@@ -294,7 +293,7 @@ class ClipSession:
         h, w = image.shape[:2]
         ratio = self.effective_downsample_ratio(h, w)
         with torch.inference_mode(), engine.autocast():
-            x = self._to_device(image).permute(2, 0, 1).unsqueeze(0).contiguous(memory_format=engine.memory_format)
+            x = self._to_device(image).permute(2, 0, 1).unsqueeze(0).contiguous(memory_format=torch.channels_last)
             feats = model.encode_frame(x, ratio)
             queries = model.generate_queries(feats)
             objects = dict(self._objects)

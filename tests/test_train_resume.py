@@ -223,7 +223,7 @@ def test_distill_teaches_the_light_pixel_decoder_the_dense_ones_outputs(datasets
     assert teacher.config.to_dict() == {**teacher.config.to_dict(), **_recipe(datasets).model}
     lines: list[str] = []
     result = distill.distill_pixel_decoder(teacher, teacher.config.replace(pixel_decoder="separable"),
-                                           distill.recipe_frames(_recipe(datasets), None, lines.append), steps=80,
+                                           distill.recipe_frames(_recipe(datasets), "s1", lines.append), steps=80,
                                            lr=3e-3, log=lines.append)
     assert result.student.config.pixel_decoder == "separable" and result.steps == 80
     assert "freshly initialised: oqg.pixel_decoder.conv0, oqg.pixel_decoder.conv1, oqg.pixel_decoder.conv2" \

@@ -107,14 +107,12 @@ def distill_pixel_decoder(teacher: torch.nn.Module, config, frames: Callable[[in
     return DistillResult(student.eval(), first, last, steps, time.monotonic() - start)
 
 
-def recipe_frames(recipe, stage_name: str | None, log: Callable[[str], None]) -> Callable[[int], torch.Tensor]:
-    """Frames of one stage of the recipe (None: the last), drawn as ``oavm train`` draws its clips (seeded by the
-    stage's index and the step, so a run is repeatable)."""
+def recipe_frames(recipe, stage_name: str, log: Callable[[str], None]) -> Callable[[int], torch.Tensor]:
+    """Frames of one stage of the recipe, drawn as ``oavm train`` draws its clips (seeded by the stage's index and
+    the step, so a run is repeatable)."""
     from . import loop
 
     names = [s.name for s in recipe.stages]
-    if stage_name is None:
-        stage_name = names[-1]
     if stage_name not in names:
         raise OAVMInputError(f"the recipe has no stage {stage_name!r}; its stages are {', '.join(names)}")
     index = names.index(stage_name)
@@ -154,7 +152,8 @@ def main(argv: list[str] | None = None) -> int:
             raise OAVMInputError(f"{args.teacher} already has the {args.pixel_decoder} pixel decoder: nothing to "
                                  f"distil")
         config = teacher.config.replace(pixel_decoder=args.pixel_decoder)
-        frames = recipe_frames(recipe, args.stage, print)
+        stage = args.stage or recipe.stages[-1].name
+        frames = recipe_frames(recipe, stage, print)
         result = distill_pixel_decoder(teacher, config, frames, steps=args.steps, lr=args.lr,
                                        device=loop.resolve_device(args.device))
     except (OAVMInputError, CheckpointError) as e:
@@ -164,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     save_checkpoint(out, result.student.cpu(), dtype=torch.float16, meta={
         "made_by": "oavm distill", "teacher": str(args.teacher), "teacher_meta": meta, "recipe": recipe.name,
-        "stage": args.stage or recipe.stages[-1].name, "steps": result.steps, "lr": args.lr,
+        "stage": stage, "steps": result.steps, "lr": args.lr,
         "relative_error": result.last_error})
     print(f"wrote {out}: {result.steps} steps in {result.seconds / 60:.1f} min, relative error "
           + ", ".join(f"{n} {result.first_error[n]:.3f} -> {result.last_error[n]:.3f}" for n in OUTPUTS))
