@@ -84,6 +84,7 @@ class BatchConfig:
     checkpoint: str | None = None
     device: str = "auto"
     precision: str = "auto"
+    cuda_graphs: bool = True                   # on a GPU: replay the steady-state step as a CUDA graph
     downsample_ratio: float | None = None
     state_every: int = 25                      # 0: no states
     state_dir: str | None = None
@@ -573,7 +574,8 @@ class BatchJob:
         from oavm_service.engine import Engine
 
         engine = Engine.from_checkpoint(self.config.checkpoint, device=self.config.device,
-                                        precision=self.config.precision)
+                                        precision=self.config.precision,
+                                        cuda_graphs=None if self.config.cuda_graphs else False)
         return EngineStepper(engine, self.config.downsample_ratio)
 
     def run(self) -> int:
@@ -712,6 +714,9 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--checkpoint", help="model checkpoint (.safetensors); default: the shipped one")
     model.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ... (default auto)")
     model.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16", "bf16"])
+    model.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
+                       help="GPU: run every step eagerly instead of replaying the recorded steady-state step "
+                            "as a CUDA graph (the default)")
     model.add_argument("--downsample-ratio", type=float, help="network resolution / frame resolution (default auto)")
     model.add_argument("--connect", metavar="ENDPOINT",
                        help="send the work to a running `oavm serve` (e.g. tcp://127.0.0.1:5590) instead")
@@ -755,7 +760,8 @@ def parse_args(argv: list[str]) -> BatchConfig:
         frames=parse_frame_range(a.frames) if a.frames else None, first_frame=a.first_frame,
         mask_channel=a.mask_channel, mask_index=a.mask_index,
         colorspace=InputColorspace.parse(a.input_colorspace), output_mode=a.output_mode, premultiply=a.premultiply,
-        checkpoint=a.checkpoint, device=a.device, precision=a.precision, downsample_ratio=a.downsample_ratio,
+        checkpoint=a.checkpoint, device=a.device, precision=a.precision, cuda_graphs=a.cuda_graphs,
+        downsample_ratio=a.downsample_ratio,
         state_every=a.state_every, state_dir=a.state_dir, overwrite=a.overwrite, connect=a.connect,
         clip_id=a.clip_id, timeout_s=a.timeout)
 

@@ -20,6 +20,7 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
+from .cuda_graphs import GraphedStep
 from .errors import OAVMInputError
 from .model import OAVM, ObjectState
 from .model.fuse import optimize_for_inference
@@ -31,6 +32,8 @@ PRECISIONS = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 _STATE_FIELDS = tuple(f.name for f in fields(ObjectState))
 _SCALE = {np.dtype(np.uint8): 255.0, np.dtype(np.uint16): 65535.0}
 _FLOATS = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
+_DEVICE_FRAME_DTYPES = (np.dtype(np.uint8), np.dtype(np.float16), np.dtype(np.float32))  # others: numpy first
+_NOT_FINITE = "{what} contains NaN or infinite values; fix the source pixels (e.g. np.nan_to_num)"
 
 
 @dataclass
@@ -80,11 +83,18 @@ class Engine:
     """An OAVM model placed on a device with a precision; makes :class:`ClipSession` objects."""
 
     def __init__(self, model: OAVM, *, device: str = "auto", precision: str = "auto",
-                 checkpoint_info: dict[str, Any] | None = None, optimize: bool = True) -> None:
+                 checkpoint_info: dict[str, Any] | None = None, optimize: bool = True,
+                 cuda_graphs: bool | None = None) -> None:
         """``optimize``: run a copy of ``model`` with batch norm folded into the convolutions and the decoder's
-        gates fused (:mod:`oavm_service.model.fuse`; same results, faster); the caller's model stays trainable."""
+        gates fused (:mod:`oavm_service.model.fuse`; same results, faster); the caller's model stays trainable.
+        ``cuda_graphs``: replay each clip's steady-state step as a CUDA graph (:mod:`oavm_service.cuda_graphs`);
+        None: on for CUDA devices (4x faster steps at 1080p on an H100: docs/performance.md)."""
         self.device = resolve_device(device)
         self.precision = resolve_precision(precision, self.device)
+        if cuda_graphs and self.device.type != "cuda":
+            raise OAVMInputError(f"CUDA graphs need a CUDA device, not {self.device.type!r}; leave them off on the CPU")
+        self.cuda_graphs = self.device.type == "cuda" if cuda_graphs is None else bool(cuda_graphs)
+        self.pinned_transfers = self.device.type == "cuda"   # results come back through page-locked memory
         # eval mode (batch-norm statistics); gradients are off via inference_mode. Channels-last layout: tensor
         # cores on the GPU; on the CPU oneDNN's convolutions then skip reordering the full-resolution decoder
         # maps (docs/performance.md has the A/B).
@@ -92,12 +102,16 @@ class Engine:
         if optimize:
             model = optimize_for_inference(copy.deepcopy(model))
         self.model = model.to(self.device).to(memory_format=torch.channels_last)
+        if self.precision == "fp16" and self.device.type == "cuda":
+            # weights stored in fp16 (as the shipped checkpoint is): autocast then casts no weight per frame
+            # (eager 1080p steps 28 -> 18 ms on an H100); its fp32 operations still upcast their inputs
+            self.model.half()
         self.checkpoint_info = checkpoint_info or {"path": None, "sha256": None, "version": None,
                                                    "config": model.config.to_dict()}
 
     @classmethod
     def from_checkpoint(cls, path: str | os.PathLike | None = None, *, device: str = "auto",
-                        precision: str = "auto") -> "Engine":
+                        precision: str = "auto", cuda_graphs: bool | None = None) -> "Engine":
         """Load a checkpoint (None: the shipped default) onto ``device``. Raises CheckpointError if unusable."""
         from .checkpoint import checkpoint_sha256, load_checkpoint, read_checkpoint_header
 
@@ -107,19 +121,19 @@ class Engine:
         info = {"path": header["path"], "sha256": checkpoint_sha256(header["path"]),
                 "version": header["oavm_version"], "format_version": header["format_version"],
                 "config": header["config"].to_dict(), "meta": meta}
-        return cls(model, device=str(dev), precision=precision, checkpoint_info=info)
+        return cls(model, device=str(dev), precision=precision, checkpoint_info=info, cuda_graphs=cuda_graphs)
 
     def new_session(self, *, downsample_ratio: float | None = None, foreground: bool = True) -> "ClipSession":
         """A new clip. ``downsample_ratio`` None: automatic (long side <= 512 px at the network's input).
         ``foreground`` False: mattes only (``Matte.foreground`` None), faster when the network runs downsampled."""
         return ClipSession(self, downsample_ratio=downsample_ratio, foreground=foreground)
 
-    def autocast(self) -> contextlib.AbstractContextManager:
+    def autocast(self, cache_enabled: bool = True) -> contextlib.AbstractContextManager:
         """Mixed precision context for the engine's precision (a no-op for fp32)."""
         dtype = PRECISIONS[self.precision]
         if dtype is None:
             return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=dtype)
+        return torch.autocast(device_type=self.device.type, dtype=dtype, cache_enabled=cache_enabled)
 
 
 # ------------------------------------------------------------------------------------------- input checks
@@ -133,7 +147,24 @@ def _frame_to_array(frame: Any) -> np.ndarray:
         raise OAVMInputError(f"a frame must be RGB with shape (H, W, 3), got {frame.shape}{hint}")
     if frame.shape[0] == 0 or frame.shape[1] == 0:
         raise OAVMInputError(f"the frame is empty ({frame.shape[0]}x{frame.shape[1]} pixels)")
+    if frame.dtype in _DEVICE_FRAME_DTYPES:
+        return np.ascontiguousarray(frame)   # scaled, clipped and checked on the device (unit_frame)
     return _to_unit_float(frame, "frame", clip=True)
+
+
+def unit_frame(raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A checked (H, W, 3) frame on the device -> (1, 3, H, W) float32 in [0, 1] (a channels-last view), and
+    for float frames a 0-dim "all finite" flag that the caller reads with the results.
+
+    Done on the device rather than in numpy: a 4K float32 frame is 100 MB of CPU work per conversion and pass,
+    a quarter of that travels when the frame goes up as uint8. Same arithmetic as :func:`_to_unit_float`."""
+    if raw.dtype == torch.uint8:
+        x, finite = raw.float().div_(_SCALE[np.dtype(np.uint8)]), None
+    else:
+        x = raw.float()
+        finite = torch.isfinite(x).all()
+        x = x.clamp_(0.0, 1.0)
+    return x.permute(2, 0, 1).unsqueeze(0), finite
 
 
 def _mask_to_array(obj_id: str, mask: Any, shape: tuple[int, int]) -> np.ndarray:
@@ -167,13 +198,22 @@ def _to_unit_float(a: np.ndarray, what: str, *, clip: bool) -> np.ndarray:
                              + (" (or bool)" if not clip else ""))
     out = a.astype(np.float32)
     if not np.isfinite(out).all():
-        raise OAVMInputError(f"{what} contains NaN or infinite values; fix the source pixels (e.g. np.nan_to_num)")
+        raise OAVMInputError(_NOT_FINITE.format(what=what))
     if clip:
         return np.clip(out, 0.0, 1.0)
     if out.min() < -1e-3 or out.max() > 1.0 + 1e-3:
         raise OAVMInputError(f"{what} has values in [{out.min():g}, {out.max():g}]; masks must be in 0..1 "
                              f"(divide 0..255 masks by 255)")
     return np.clip(out, 0.0, 1.0)
+
+
+def advance_packed(model: OAVM, feats, queries, state: ObjectState, foreground: bool
+                   ) -> tuple[torch.Tensor, ObjectState]:
+    """``model.advance`` with its outputs packed for one copy to the host: (N, 2 or 5, H, W) float32, channels
+    alpha, fgmask[, foreground RGB], contiguous so that each object's planes are contiguous numpy views."""
+    out, nxt = model.advance(feats, queries, state, foreground)
+    planes = [out["alpha"], out["fgmask"]] + ([out["fgr"]] if foreground else [])
+    return torch.cat([p.float() for p in planes], dim=1).contiguous(), nxt
 
 
 def _check_obj_id(obj_id: Any) -> str:
@@ -197,6 +237,8 @@ class ClipSession:
         self.frames_seen = 0
         self.frame_shape: tuple[int, int] | None = None
         self._objects: dict[str, ObjectState] = {}
+        self._graph: GraphedStep | None = None     # Engine(cuda_graphs=True): the recorded steady-state step
+        self._graph_key: tuple | None = None
 
     # -- public API --------------------------------------------------------------------------------------
 
@@ -293,26 +335,61 @@ class ClipSession:
         h, w = image.shape[:2]
         ratio = self.effective_downsample_ratio(h, w)
         with torch.inference_mode(), engine.autocast():
-            x = self._to_device(image).permute(2, 0, 1).unsqueeze(0).contiguous(memory_format=torch.channels_last)
-            feats = model.encode_frame(x, ratio)
-            queries = model.generate_queries(feats)
-            objects = dict(self._objects)
-            if masks:
-                batch = torch.stack([self._to_device(m) for m in masks.values()]).unsqueeze(1)
-                for obj_id, s in zip(masks, model.prompt(feats, batch).split()):
-                    objects[obj_id] = s
-            ids = list(objects)
-            out, nxt = model.advance(feats, queries, ObjectState.cat([objects[i] for i in ids]), self.foreground)
+            raw = self._to_device(image)
+            if masks or not engine.cuda_graphs:
+                x, finite = unit_frame(raw)
+                feats = model.encode_frame(x, ratio)
+                queries = model.generate_queries(feats)
+                objects = dict(self._objects)
+                if masks:
+                    batch = torch.stack([self._to_device(m) for m in masks.values()]).unsqueeze(1)
+                    for obj_id, s in zip(masks, model.prompt(feats, batch).split()):
+                        objects[obj_id] = s
+                ids = list(objects)
+                packed, nxt = advance_packed(model, feats, queries, ObjectState.cat([objects[i] for i in ids]),
+                                             self.foreground)
+            else:   # steady state on the GPU: the whole step replayed as one CUDA graph
+                ids = list(self._objects)
+                packed, nxt, finite = self._graphed(raw, ratio, ids)(
+                    raw, ObjectState.cat([self._objects[i] for i in ids]))
+            results = self._to_host(packed)          # one copy back (and the one wait for the device)
+            if finite is not None and not bool(finite):
+                raise OAVMInputError(_NOT_FINITE.format(what="the frame"))
             self._objects = {i: ObjectState(**{k: t.clone() for k, t in s.tensors().items()})
                              for i, s in zip(ids, nxt.split())}
-            results = {k: None if out[k] is None else out[k].float().cpu().numpy()
-                       for k in ("alpha", "fgmask", "fgr")}
         self.frames_seen += 1
         self.frame_shape = (h, w)
-        return {obj_id: Matte(alpha=results["alpha"][i, 0], fgmask=results["fgmask"][i, 0],
-                              foreground=None if results["fgr"] is None else
-                              np.ascontiguousarray(results["fgr"][i].transpose(1, 2, 0)))
+        return {obj_id: Matte(alpha=results[i, 0], fgmask=results[i, 1],
+                              foreground=np.ascontiguousarray(results[i, 2:5].transpose(1, 2, 0))
+                              if self.foreground else None)
                 for i, obj_id in enumerate(ids)}
+
+    def _graphed(self, raw: torch.Tensor, ratio: float, ids: list[str]) -> "GraphedStep":
+        """This clip's recorded step, recorded again when what it was recorded for changed."""
+        key = (tuple(raw.shape), raw.dtype, ratio, tuple(ids), self.foreground)
+        if self._graph is None or self._graph_key != key:
+            self._graph = None   # free the old graph's memory pool before recording the new one
+            model, foreground = self.engine.model, self.foreground
+
+            def step(frame: torch.Tensor, state: ObjectState):
+                x, finite = unit_frame(frame)
+                feats = model.encode_frame(x, ratio)
+                packed, nxt = advance_packed(model, feats, model.generate_queries(feats), state, foreground)
+                return packed, nxt, finite
+
+            state = ObjectState.cat([self._objects[i] for i in ids])
+            self._graph, self._graph_key = GraphedStep(step, raw, state, autocast=self.engine.autocast), key
+        return self._graph
+
+    def _to_host(self, packed: torch.Tensor) -> np.ndarray:
+        """The packed results as numpy. From a GPU through page-locked memory: torch's host allocator recycles
+        the block once the caller drops the arrays, and DMA into it is several times faster than into pageable
+        memory (a 4K frame's two planes are 66 MB)."""
+        if not self.engine.pinned_transfers or packed.device.type != "cuda":
+            return packed.cpu().numpy()
+        host = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)
+        host.copy_(packed)
+        return host.numpy()
 
     def _to_device(self, a: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(a)).to(self.engine.device, non_blocking=True)

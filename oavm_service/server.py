@@ -61,6 +61,7 @@ class ServeConfig:
     checkpoint: str | None = None          # None: the shipped default checkpoint
     device: str = "auto"
     precision: str = "auto"
+    cuda_graphs: bool = True               # on a GPU: replay each clip's steady-state step as a CUDA graph
     max_clips: int = 8
     max_frame_pixels: int = 40_000_000
     max_message_mb: int = 1024
@@ -632,6 +633,9 @@ def _serve_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=d.device, help="auto (cuda if available), cpu, cuda, cuda:1, ...")
     p.add_argument("--precision", default=d.precision, choices=["auto", "fp32", "fp16", "bf16"],
                    help="auto: fp16 on cuda, fp32 on cpu")
+    p.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
+                   help="GPU: run every step eagerly instead of replaying each clip's recorded steady-state step "
+                        "as a CUDA graph (the default; docs/performance.md has the measurements)")
     p.add_argument("--max-clips", type=int, default=d.max_clips,
                    help=f"clips held in memory; beyond it the least recently used is saved to --state-dir "
                         f"(default {d.max_clips})")
@@ -668,7 +672,8 @@ def main_serve(argv: list[str] | None = None) -> int:
 
     log.info("loading %s on %s", config.checkpoint or "the shipped checkpoint", config.device)
     try:
-        engine = Engine.from_checkpoint(config.checkpoint, device=config.device, precision=config.precision)
+        engine = Engine.from_checkpoint(config.checkpoint, device=config.device, precision=config.precision,
+                                        cuda_graphs=None if config.cuda_graphs else False)
     except (CheckpointError, OAVMInputError) as exc:
         raise SystemExit(f"oavm serve: {exc}") from None
     service = Service(engine, config)

@@ -180,6 +180,26 @@ def test_six_steps_equal_three_plus_resume_three(datasets: Path, tmp_path: Path)
     assert exported is not None
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on the GPU machine)")
+def test_training_runs_on_one_cuda_gpu_with_mixed_precision_and_resumes(datasets: Path, tmp_path: Path):
+    """The recipe as it runs on a GPU: fp16 autocast + GradScaler, --resume from the GPU run's last.pt, and an
+    exported checkpoint that the engine runs on the GPU. (Bit-identical resumption is checked on the CPU above;
+    cuDNN's autotuned kernels need not repeat their sums exactly.)"""
+    recipe = _recipe(datasets)
+    gpu = torch.device("cuda")
+    first = loop.train(recipe, tmp_path, device=gpu, max_steps=3)
+    rest = loop.train(recipe, tmp_path, device=gpu, resume=tmp_path / "checkpoints/last.pt")
+    assert len(first) == 3 and len(rest) == 3 and all(np.isfinite(first + rest))
+    state = torch.load(tmp_path / "checkpoints/last.pt", map_location="cpu", weights_only=False)
+    assert state["scaler"] is not None, "the GradScaler state is saved for --resume"
+
+    from oavm_service.engine import Engine
+    session = Engine.from_checkpoint(tmp_path / "final.safetensors", device="cuda").new_session()
+    mask = _box(0)
+    frame = np.full((SIZE, SIZE, 3), 0.5, np.float32)
+    assert np.isfinite(session.step(frame, {"a": mask})["a"].alpha).all()
+
+
 def test_weight_average_is_exported_and_resumes_exactly(datasets: Path, tmp_path: Path):
     """With train.ema_decay the exported weights are the running average (not the last step's weights), and a
     resumed run continues that average: 6 steps straight export the same weights as 3 + resume + 3."""

@@ -70,7 +70,7 @@ def local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: i
 
 def _tokens(x: torch.Tensor) -> torch.Tensor:
     """(B, C, h, w) -> (B, 1, h*w, C): one attention head."""
-    return x.flatten(2).transpose(1, 2).unsqueeze(1)
+    return x.flatten(2).transpose(1, 2).contiguous().unsqueeze(1)   # a channels-last map: no copy
 
 
 class PixelFeatureExtraction(nn.Module):

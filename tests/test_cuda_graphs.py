@@ -1,0 +1,145 @@
+# SPDX-License-Identifier: GPL-3.0-or-later
+"""CUDA graphs in the engine (Engine(cuda_graphs=True)) and the frame conversion on the device.
+
+The tests marked ``cuda`` need a GPU: they ran on the lent H100 (docs/performance.md); without one they are
+skipped. The CPU tests check the session's side of the graph path - when it records again, what it copies in and
+out - with a recorder that replays eagerly but, like a CUDA graph, reads fixed input tensors and overwrites fixed
+output tensors on every call, so a session that carried last frame's output state by reference would go wrong.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from oavm_service import engine as engine_module
+from oavm_service.engine import Engine, _to_unit_float, unit_frame
+from oavm_service.errors import OAVMInputError
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on the GPU machine)")
+
+
+class BufferReusingRecorder:
+    """GraphedStep's contract without a GPU: fixed inputs, fixed outputs overwritten by every replay."""
+
+    recorded = 0
+
+    def __init__(self, step, frame, state, autocast):
+        type(self).recorded += 1
+        self.step = step
+        self.frame = frame.clone()
+        self.state = type(state)(**{k: t.clone() for k, t in state.tensors().items()})
+        packed, nxt, finite = step(self.frame, self.state)
+        self.outputs = (packed.clone(), type(nxt)(**{k: t.clone() for k, t in nxt.tensors().items()}), finite)
+
+    def __call__(self, frame, state):
+        self.frame.copy_(frame)
+        for name, t in state.tensors().items():
+            getattr(self.state, name).copy_(t)
+        packed, nxt, finite = self.step(self.frame, self.state)
+        self.outputs[0].copy_(packed)
+        for name, t in nxt.tensors().items():
+            getattr(self.outputs[1], name).copy_(t)
+        return self.outputs
+
+
+def _box(h, w, y0, y1, x0, x1):
+    m = np.zeros((h, w), np.float32)
+    m[y0:y1, x0:x1] = 1.0
+    return m
+
+
+def test_graph_path_gives_the_eager_mattes_and_records_again_only_when_the_step_changes(tiny_model, make_clip,
+                                                                                        monkeypatch):
+    monkeypatch.setattr(engine_module, "GraphedStep", BufferReusingRecorder)
+    BufferReusingRecorder.recorded = 0
+    eager = Engine(tiny_model, device="cpu", precision="fp32")
+    graphed = Engine(tiny_model, device="cpu", precision="fp32")
+    graphed.cuda_graphs = True          # the CPU has no CUDA graphs: the recorder above stands in for them
+    images, _ = make_clip(7, 48, 64, seed=3)
+    images = (images * 255).astype(np.uint8)
+    a, b = _box(48, 64, 8, 30, 10, 40), _box(48, 64, 20, 44, 30, 60)
+    sessions = [e.new_session(downsample_ratio=0.5) for e in (eager, graphed)]
+    script = [{"a": a}, None, None, {"b": b}, None, {"a": a}, None]     # prompts at frames 0, 3 (new), 5 (again)
+    for t, prompts in enumerate(script):
+        out = [s.step(images[t], prompts) for s in sessions]
+        for obj in out[0]:
+            for name in ("alpha", "fgmask", "foreground"):
+                np.testing.assert_allclose(getattr(out[1][obj], name), getattr(out[0][obj], name), atol=1e-5,
+                                           err_msg=f"frame {t} {obj}.{name}")
+    # recorded at frame 1 (object a) and 4 (a, b); frame 5 re-prompts a known object: the a+b recording stays
+    assert BufferReusingRecorder.recorded == 2
+    # the foreground flag is part of what was recorded
+    sessions[1].foreground = False
+    assert sessions[1].step(images[6])["a"].foreground is None and BufferReusingRecorder.recorded == 3
+
+
+def test_cuda_graphs_are_refused_on_the_cpu_with_a_hint(tiny_model):
+    with pytest.raises(OAVMInputError, match="CUDA graphs need a CUDA device"):
+        Engine(tiny_model, device="cpu", cuda_graphs=True)
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.float16, np.float32])
+def test_frame_conversion_on_the_device_is_the_numpy_conversion(dtype):
+    rng = np.random.default_rng(0)
+    if dtype == np.uint8:
+        frame = rng.integers(0, 256, (9, 11, 3), dtype=np.uint8)
+    else:
+        frame = rng.uniform(-0.5, 1.5, (9, 11, 3)).astype(dtype)
+    x, finite = unit_frame(torch.from_numpy(frame))
+    assert x.shape == (1, 3, 9, 11) and x.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(x[0].permute(1, 2, 0), torch.from_numpy(_to_unit_float(frame, "frame", clip=True)))
+    assert finite is None if dtype == np.uint8 else bool(finite)
+
+
+def test_a_nan_frame_is_refused_after_the_network_and_leaves_the_clip_as_it_was(tiny_model, make_clip):
+    engine = Engine(tiny_model, device="cpu", precision="fp32")
+    images, _ = make_clip(3, 32, 48, seed=1)
+    session = engine.new_session()
+    session.step(images[0], {"a": _box(32, 48, 4, 20, 4, 30)})
+    before = {k: t.clone() for k, t in session._objects["a"].tensors().items()}
+    bad = images[1].copy()
+    bad[3, 4, 1] = np.inf
+    with pytest.raises(OAVMInputError, match="NaN or infinite"):
+        session.step(bad)
+    assert session.frames_seen == 1
+    for k, t in session._objects["a"].tensors().items():
+        assert torch.equal(t, before[k]), k
+    session.step(images[1])
+    assert session.frames_seen == 2
+
+
+@cuda
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_cuda_graph_replays_match_eager_steps_on_the_gpu(tiny_model, make_clip, precision):
+    images, _ = make_clip(6, 72, 128, seed=4)
+    images = (images * 255).astype(np.uint8)
+    a, b = _box(72, 128, 10, 50, 20, 70), _box(72, 128, 30, 70, 60, 120)
+    sessions = [Engine(tiny_model, device="cuda", precision=precision, cuda_graphs=g).new_session(
+        downsample_ratio=0.5) for g in (False, True)]
+    atol = 1e-5 if precision == "fp32" else 2e-3
+    handed_out = []
+    for t, prompts in enumerate([{"a": a}, None, None, {"b": b}, None, None]):
+        eager, graphed = (s.step(images[t], prompts) for s in sessions)
+        handed_out.append((eager, graphed, {o: graphed[o].alpha.copy() for o in graphed}))
+        for obj in eager:
+            np.testing.assert_allclose(graphed[obj].alpha, eager[obj].alpha, atol=atol, err_msg=f"frame {t} {obj}")
+            np.testing.assert_allclose(graphed[obj].foreground, eager[obj].foreground, atol=atol)
+    assert sessions[1]._graph is not None
+    for t, (_, graphed, copies) in enumerate(handed_out):   # later replays did not overwrite earlier results
+        for obj in graphed:
+            assert np.array_equal(graphed[obj].alpha, copies[obj]), f"frame {t} {obj}"
+
+
+@cuda
+def test_a_nan_frame_is_refused_on_the_gpu_with_graphs_too(tiny_model, make_clip):
+    images, _ = make_clip(3, 32, 48, seed=1)
+    session = Engine(tiny_model, device="cuda", cuda_graphs=True).new_session()
+    session.step(images[0], {"a": _box(32, 48, 4, 20, 4, 30)})
+    session.step(images[1])
+    bad = images[2].copy()
+    bad[0, 0, 0] = np.nan
+    with pytest.raises(OAVMInputError, match="NaN or infinite"):
+        session.step(bad)
+    assert session.frames_seen == 2
+    session.step(images[2])
