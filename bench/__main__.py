@@ -53,8 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto (shipped if present, else random), shipped, random (full-size random init), "
                         "random-tiny (tests) or a .safetensors path")
     p.add_argument("--threads", type=int, help="torch/onnxruntime threads (default: torch's, i.e. the cores)")
-    p.add_argument("--cuda-graphs", action="store_true",
-                   help="CUDA rows: compile the network with CUDA graphs (torch.compile mode reduce-overhead)")
+    p.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
+                   help="CUDA rows: run every step eagerly (default: the engine's CUDA graphs, as the product runs)")
     for name in ("speed", "memory", "service", "rvm", "profile"):
         p.add_argument(f"--skip-{name}", action="store_true", help=f"leave out the {name} bench")
     p.add_argument("--out", type=Path, default=RESULTS_DIR, help="where the JSON and PNG go (default bench/results)")

@@ -113,7 +113,7 @@ def run_breakdown(spec: DeviceSpec, res: Resolution, ckpt: Checkpoint, steps: in
     reason = spec.missing_reason()
     if reason:
         return [not_measured("profile", spec.label, res.label, ckpt.label, reason)], {}
-    engine = open_engine(ckpt, spec)
+    engine = open_engine(ckpt, spec, cuda_graphs=False)   # a graph replay runs no module: nothing to attribute
     result = profile_steps(engine, res, steps, warmup)
     del engine
     free_memory(spec.device)
@@ -123,5 +123,6 @@ def run_breakdown(spec: DeviceSpec, res: Resolution, ckpt: Checkpoint, steps: in
     rows = [Row("profile", spec.label, f"{res.label}: {stage}", ckpt.label, frames=steps,
                 value=f"{ms:.1f} ms/step = {ms / wall:.0%}")
             for stage, ms in sorted(shares.items(), key=lambda kv: -kv[1])]
-    rows[0].note = f"step {wall:.1f} ms mean under the profiler (hooks and profiling add to it)"
+    rows[0].note = f"step {wall:.1f} ms mean under the profiler (hooks and profiling add to it)" + \
+        (", eager steps (no CUDA graphs)" if spec.device == "cuda" else "")
     return rows, {"device": spec.label, "resolution": res.label, **result}

@@ -111,7 +111,7 @@ class RunOptions:
     frames: int = 30
     warmup: int = 5
     budget_s: float = 60.0     # stop timing a row after this long (keeping at least 3 frames)
-    cuda_graphs: bool = False
+    cuda_graphs: bool = True    # CUDA rows: the engine's default (steady-state steps replayed as CUDA graphs)
 
 
 def one_spec_per_device(specs: list[DeviceSpec]) -> list[DeviceSpec]:

@@ -65,52 +65,19 @@ def resolve_checkpoint(choice: str, workdir: Path) -> Checkpoint:
     return Checkpoint(path, f"{path.stem} {sha[:8]}", f"{path} (sha256 {sha})", sha)
 
 
-def open_engine(ckpt: Checkpoint, spec: DeviceSpec, *, cuda_graphs: bool = False):
-    """``Engine.from_checkpoint`` on ``spec`` (the engine applies the precision with autocast)."""
+def open_engine(ckpt: Checkpoint, spec: DeviceSpec, *, cuda_graphs: bool = True):
+    """``Engine.from_checkpoint`` on ``spec`` (the engine applies the precision with autocast); ``cuda_graphs``
+    False: eager GPU steps instead of the engine's default CUDA graphs."""
     from oavm_service.engine import Engine
 
-    engine = Engine.from_checkpoint(ckpt.path, device=spec.device, precision=spec.precision)
-    if cuda_graphs and spec.device == "cuda":
-        use_cuda_graphs(engine.model)
-    return engine
+    return Engine.from_checkpoint(ckpt.path, device=spec.device, precision=spec.precision,
+                                  cuda_graphs=None if cuda_graphs else False)
 
 
 def bench_session(engine, res: Resolution):
     """A new clip session at ``res``'s downsample ratio, mattes only: what the service runs unless a clip asks
     for the foreground colour (``want_foreground``), so every bench times the product's default step."""
     return engine.new_session(downsample_ratio=res.downsample_ratio, foreground=False)
-
-
-def use_cuda_graphs(model) -> None:
-    """Replay the per-frame half of the network (``encode_frame``, ``generate_queries``) as CUDA graphs.
-
-    ``torch.compile(mode="reduce-overhead")`` records one graph per input shape (a clip keeps its size) and saves
-    the kernel launches that dominate a GPU step at 1080p. A replay overwrites the previous replay's outputs, and
-    ``prompt`` keeps ``FrameFeatures.key`` as the long-term memory, so the outputs are cloned before anything can
-    hold on to them. ``advance`` stays eager: the per-object state it returns is carried to the next frame.
-    """
-    import dataclasses
-
-    import torch
-
-    def cloned(value):
-        if isinstance(value, torch.Tensor):
-            return value.clone()
-        if isinstance(value, list):
-            return [cloned(v) for v in value]
-        if dataclasses.is_dataclass(value):
-            return dataclasses.replace(value, **{f.name: cloned(getattr(value, f.name))
-                                                 for f in dataclasses.fields(value)})
-        return value
-
-    for name in ("encode_frame", "generate_queries"):
-        compiled = torch.compile(getattr(model, name), mode="reduce-overhead", dynamic=False)
-
-        def run(*args, _compiled=compiled, **kwargs):
-            torch.compiler.cudagraph_mark_step_begin()
-            return cloned(_compiled(*args, **kwargs))
-
-        setattr(model, name, run)
 
 
 def free_memory(device: str) -> None:

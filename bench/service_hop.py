@@ -59,8 +59,8 @@ def free_port() -> int:
 
 
 @contextmanager
-def running_service(ckpt: Checkpoint, spec: DeviceSpec, workdir: Path, ready_timeout_s: float = 180.0
-                    ) -> Iterator[Service]:
+def running_service(ckpt: Checkpoint, spec: DeviceSpec, workdir: Path, ready_timeout_s: float = 180.0,
+                    cuda_graphs: bool = True) -> Iterator[Service]:
     """Start ``python -m oavm_service serve`` on loopback; yield it; always stop it.
 
     The service gets this process's torch thread count, so both sides of the comparison compute alike.
@@ -72,7 +72,7 @@ def running_service(ckpt: Checkpoint, spec: DeviceSpec, workdir: Path, ready_tim
     log_path = Path(workdir) / f"service-{spec.device}-{spec.precision}.log"
     cmd = [sys.executable, "-m", "oavm_service", "serve", "--endpoint", endpoint, "--checkpoint", str(ckpt.path),
            "--device", spec.device, "--precision", spec.precision, "--state-dir", str(Path(workdir) / "state"),
-           "--log-level", "info"]
+           "--log-level", "info"] + ([] if cuda_graphs else ["--no-cuda-graphs"])
     with open(log_path, "w+") as log:
         proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, text=True,
                                 env=dict(os.environ, OMP_NUM_THREADS=str(threads)))
@@ -170,8 +170,8 @@ def _rows_on(spec: DeviceSpec, resolutions: list[Resolution], ckpt: Checkpoint, 
              workdir: Path) -> list[Row]:
     from shared.client import OAVMClient
 
-    with running_service(ckpt, spec, workdir) as service:
-        engine = open_engine(ckpt, spec)
+    with running_service(ckpt, spec, workdir, cuda_graphs=opts.cuda_graphs) as service:
+        engine = open_engine(ckpt, spec, cuda_graphs=opts.cuda_graphs)
         client = OAVMClient(service.endpoint, timeout_s=600.0, retries=0)
         try:
             return [hop_row(client, service, engine, spec, res, ckpt, opts) for res in resolutions]

@@ -73,7 +73,11 @@ def test_quick_run_records_one_table_as_json_and_png(quick_run):
     assert all("transport + client" in r.note for r in service), "the service log's own timings were found"
 
     rvm = [r for r in rows if r.bench == "rvm" and r.device == "cpu fp32"]
-    assert len(rvm) == 2 and all(r.fps > 0 and "OAVM x" in r.value and "its CPU time" in r.value for r in rvm)
+    assert sorted(r.checkpoint for r in rvm) == ["RVM mnv3 fp32 ONNX"] * 2 + ["RVM mnv3 torch"] * 2
+    assert all(r.fps > 0 and "OAVM x" in r.value and "its CPU time" in r.value for r in rvm)
+    if not torch.cuda.is_available():   # the torch RVM also gets a row per GPU precision asked for
+        gpu_rvm = [r for r in rows if r.bench == "rvm" and r.device == "cuda fp16"]
+        assert [r.result for r in gpu_rvm] == ["not measured (no GPU here)"] * 2
 
     profile = [r for r in rows if r.bench == "profile" and r.device == "cpu fp32"]
     stages = {r.input.split(": ", 1)[1] for r in profile}
