@@ -138,8 +138,9 @@ class Engine:
 
 # ------------------------------------------------------------------------------------------- input checks
 
-def _frame_to_array(frame: Any) -> np.ndarray:
-    """Validate an (H, W, 3) RGB frame and return it as float32 in [0, 1]."""
+def _frame_to_array(frame: Any, on_device: bool = False) -> np.ndarray:
+    """Validate an (H, W, 3) RGB frame and return it as float32 in [0, 1] or, with ``on_device`` and a dtype the
+    device converts (:func:`unit_frame`), as it is."""
     if not isinstance(frame, np.ndarray):
         raise OAVMInputError(f"a frame must be a numpy array (H, W, 3), got {type(frame).__name__}")
     if frame.ndim != 3 or frame.shape[2] != 3:
@@ -147,8 +148,8 @@ def _frame_to_array(frame: Any) -> np.ndarray:
         raise OAVMInputError(f"a frame must be RGB with shape (H, W, 3), got {frame.shape}{hint}")
     if frame.shape[0] == 0 or frame.shape[1] == 0:
         raise OAVMInputError(f"the frame is empty ({frame.shape[0]}x{frame.shape[1]} pixels)")
-    if frame.dtype in _DEVICE_FRAME_DTYPES:
-        return np.ascontiguousarray(frame)   # scaled, clipped and checked on the device (unit_frame)
+    if on_device and frame.dtype in _DEVICE_FRAME_DTYPES:
+        return np.ascontiguousarray(frame)   # scaled, clipped and checked on the GPU (unit_frame)
     return _to_unit_float(frame, "frame", clip=True)
 
 
@@ -156,8 +157,9 @@ def unit_frame(raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
     """A checked (H, W, 3) frame on the device -> (1, 3, H, W) float32 in [0, 1] (a channels-last view), and
     for float frames a 0-dim "all finite" flag that the caller reads with the results.
 
-    Done on the device rather than in numpy: a 4K float32 frame is 100 MB of CPU work per conversion and pass,
-    a quarter of that travels when the frame goes up as uint8. Same arithmetic as :func:`_to_unit_float`."""
+    The GPU path: numpy's conversion of a 4K float32 frame is 100 MB of work on one CPU core per pass, and a uint8
+    frame uploads a quarter of the bytes. Same arithmetic as :func:`_to_unit_float`, which stays the CPU's path
+    (numpy converts a 4K uint8 frame in half the time torch takes there: 33 vs 62 ms on this project's CPU)."""
     if raw.dtype == torch.uint8:
         x, finite = raw.float().div_(_SCALE[np.dtype(np.uint8)]), None
     else:
@@ -207,13 +209,18 @@ def _to_unit_float(a: np.ndarray, what: str, *, clip: bool) -> np.ndarray:
     return np.clip(out, 0.0, 1.0)
 
 
-def advance_packed(model: OAVM, feats, queries, state: ObjectState, foreground: bool
-                   ) -> tuple[torch.Tensor, ObjectState]:
-    """``model.advance`` with its outputs packed for one copy to the host: (N, 2 or 5, H, W) float32, channels
-    alpha, fgmask[, foreground RGB], contiguous so that each object's planes are contiguous numpy views."""
+def advance_outputs(model: OAVM, feats, queries, state: ObjectState, foreground: bool
+                    ) -> tuple[torch.Tensor | list[torch.Tensor], ObjectState]:
+    """``model.advance``, its outputs as float32 planes alpha, fgmask[, foreground RGB] (each (N, 1 or 3, H, W)).
+
+    On a GPU they are packed into one contiguous (N, 2 or 5, H, W) tensor for a single copy to the host (each
+    object's planes are then contiguous numpy views); on the CPU packing would be a full-size copy for nothing
+    (at 4K 66 MB, 10 % of a step), so the planes are returned as they are."""
     out, nxt = model.advance(feats, queries, state, foreground)
-    planes = [out["alpha"], out["fgmask"]] + ([out["fgr"]] if foreground else [])
-    return torch.cat([p.float() for p in planes], dim=1).contiguous(), nxt
+    planes = [p.float() for p in [out["alpha"], out["fgmask"]] + ([out["fgr"]] if foreground else [])]
+    if planes[0].device.type == "cpu":
+        return planes, nxt
+    return torch.cat(planes, dim=1).contiguous(), nxt
 
 
 def _check_obj_id(obj_id: Any) -> str:
@@ -252,7 +259,7 @@ class ClipSession:
 
     def step(self, frame: np.ndarray, prompts: Mapping[str, np.ndarray] | None = None) -> dict[str, Matte]:
         """Matte one frame for every object. ``prompts`` add new objects or re-prompt known ones at this frame."""
-        image = _frame_to_array(frame)
+        image = _frame_to_array(frame, on_device=self.engine.device.type == "cuda")
         shape = image.shape[:2]
         if self.frame_shape is not None and shape != self.frame_shape:
             raise OAVMInputError(f"this clip's frames are {self.frame_shape[1]}x{self.frame_shape[0]} but this frame "
@@ -337,7 +344,10 @@ class ClipSession:
         with torch.inference_mode(), engine.autocast():
             raw = self._to_device(image)
             if masks or not engine.cuda_graphs:
-                x, finite = unit_frame(raw)
+                if engine.device.type == "cpu":   # already float32 in [0, 1] and checked by _frame_to_array
+                    x, finite = raw.permute(2, 0, 1).unsqueeze(0), None
+                else:
+                    x, finite = unit_frame(raw)
                 feats = model.encode_frame(x, ratio)
                 queries = model.generate_queries(feats)
                 objects = dict(self._objects)
@@ -346,22 +356,21 @@ class ClipSession:
                     for obj_id, s in zip(masks, model.prompt(feats, batch).split()):
                         objects[obj_id] = s
                 ids = list(objects)
-                packed, nxt = advance_packed(model, feats, queries, ObjectState.cat([objects[i] for i in ids]),
-                                             self.foreground)
+                outputs, nxt = advance_outputs(model, feats, queries, ObjectState.cat([objects[i] for i in ids]),
+                                               self.foreground)
             else:   # steady state on the GPU: the whole step replayed as one CUDA graph
                 ids = list(self._objects)
-                packed, nxt, finite = self._graphed(raw, ratio, ids)(
+                outputs, nxt, finite = self._graphed(raw, ratio, ids)(
                     raw, ObjectState.cat([self._objects[i] for i in ids]))
-            results = self._to_host(packed)          # one copy back (and the one wait for the device)
+            alpha, fgmask, fgr = self._to_host(outputs)   # one copy back (and the one wait for the device)
             if finite is not None and not bool(finite):
                 raise OAVMInputError(_NOT_FINITE.format(what="the frame"))
             self._objects = {i: ObjectState(**{k: t.clone() for k, t in s.tensors().items()})
                              for i, s in zip(ids, nxt.split())}
         self.frames_seen += 1
         self.frame_shape = (h, w)
-        return {obj_id: Matte(alpha=results[i, 0], fgmask=results[i, 1],
-                              foreground=np.ascontiguousarray(results[i, 2:5].transpose(1, 2, 0))
-                              if self.foreground else None)
+        return {obj_id: Matte(alpha=alpha[i], fgmask=fgmask[i],
+                              foreground=None if fgr is None else np.ascontiguousarray(fgr[i].transpose(1, 2, 0)))
                 for i, obj_id in enumerate(ids)}
 
     def _graphed(self, raw: torch.Tensor, ratio: float, ids: list[str]) -> "GraphedStep":
@@ -374,22 +383,29 @@ class ClipSession:
             def step(frame: torch.Tensor, state: ObjectState):
                 x, finite = unit_frame(frame)
                 feats = model.encode_frame(x, ratio)
-                packed, nxt = advance_packed(model, feats, model.generate_queries(feats), state, foreground)
+                packed, nxt = advance_outputs(model, feats, model.generate_queries(feats), state, foreground)
                 return packed, nxt, finite
 
             state = ObjectState.cat([self._objects[i] for i in ids])
             self._graph, self._graph_key = GraphedStep(step, raw, state, autocast=self.engine.autocast), key
         return self._graph
 
-    def _to_host(self, packed: torch.Tensor) -> np.ndarray:
-        """The packed results as numpy. From a GPU through page-locked memory: torch's host allocator recycles
-        the block once the caller drops the arrays, and DMA into it is several times faster than into pageable
-        memory (a 4K frame's two planes are 66 MB)."""
-        if not self.engine.pinned_transfers or packed.device.type != "cuda":
-            return packed.cpu().numpy()
-        host = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)
-        host.copy_(packed)
-        return host.numpy()
+    def _to_host(self, outputs: torch.Tensor | list[torch.Tensor]
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """(alpha (N, H, W), fgmask (N, H, W), foreground (N, 3, H, W) or None) as numpy. The CPU's planes are
+        viewed as they are. A GPU's packed planes come back through page-locked memory: torch's host allocator
+        recycles the block once the caller drops the arrays, and DMA into it is several times faster than into
+        pageable memory (a 4K frame's two planes are 66 MB; docs/performance.md)."""
+        if isinstance(outputs, list):
+            arrays = [p.numpy() for p in outputs]
+            return arrays[0][:, 0], arrays[1][:, 0], arrays[2] if len(arrays) > 2 else None
+        if self.engine.pinned_transfers:
+            packed = torch.empty(outputs.shape, dtype=outputs.dtype, pin_memory=True)
+            packed.copy_(outputs)
+        else:
+            packed = outputs.cpu()
+        packed = packed.numpy()
+        return packed[:, 0], packed[:, 1], packed[:, 2:5] if packed.shape[1] > 2 else None
 
     def _to_device(self, a: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(a)).to(self.engine.device, non_blocking=True)
