@@ -88,7 +88,7 @@ class Engine:
         """``optimize``: run a copy of ``model`` with batch norm folded into the convolutions and the decoder's
         gates fused (:mod:`oavm_service.model.fuse`; same results, faster); the caller's model stays trainable.
         ``cuda_graphs``: replay each clip's steady-state step as a CUDA graph (:mod:`oavm_service.cuda_graphs`);
-        None: on for CUDA devices (4x faster steps at 1080p on an H100: docs/performance.md)."""
+        None: on for CUDA devices (about 5x faster steps at 1080p on an H100: docs/performance.md)."""
         self.device = resolve_device(device)
         self.precision = resolve_precision(precision, self.device)
         if cuda_graphs and self.device.type != "cuda":
@@ -215,7 +215,7 @@ def advance_outputs(model: OAVM, feats, queries, state: ObjectState, foreground:
 
     On a GPU they are packed into one contiguous (N, 2 or 5, H, W) tensor for a single copy to the host (each
     object's planes are then contiguous numpy views); on the CPU packing would be a full-size copy for nothing
-    (at 4K 66 MB, 10 % of a step), so the planes are returned as they are."""
+    (at 4K 66 MB, about 5 % of a step), so the planes are returned as they are."""
     out, nxt = model.advance(feats, queries, state, foreground)
     planes = [p.float() for p in [out["alpha"], out["fgmask"]] + ([out["fgr"]] if foreground else [])]
     if planes[0].device.type == "cpu":
