@@ -258,3 +258,25 @@ def test_corrupt_movie_is_reported(tmp_path):
     bad.write_bytes(b"\x00\x00\x00\x18ftypqt  " + bytes(200))
     with pytest.raises(OAVMInputError, match=r"bad\.mov"):
         MovieReader(bad)
+
+
+def test_without_pyav_only_movies_fail_and_they_say_how_to_fix_it(tmp_path):
+    """PyAV is imported on first use: a machine without it (a GPU box set up for torch alone) still trains, serves
+    and reads image sequences; a movie then gets an install hint instead of an ImportError at start-up."""
+    import subprocess
+    import sys
+
+    movie = tmp_path / "clip.mp4"
+    write_movie(movie, [np.zeros((16, 16, 3), np.uint8)] * 2)
+    probe = (
+        "import sys; sys.modules['av'] = None\n"          # `import av` now raises ImportError
+        "import oavm_service.io, oavm_service.train.data, oavm_service.server\n"
+        "from oavm_service.errors import OAVMInputError\n"
+        "try:\n"
+        f"    oavm_service.io.FrameSource({str(movie)!r})\n"
+        "except OAVMInputError as exc:\n"
+        "    print('refused:', exc)\n")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 0, done.stderr
+    assert "refused: movies need PyAV" in done.stdout and "pip install av" in done.stdout

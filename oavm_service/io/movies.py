@@ -13,13 +13,23 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Iterable, Iterator
 
-import av
 import numpy as np
 
 from oavm_service.errors import OAVMInputError
 
 MOVIE_EXTENSIONS = frozenset({".mov", ".mp4", ".m4v", ".mkv", ".avi", ".mxf", ".webm", ".mpg", ".mpeg", ".y4m"})
 _CACHE_BYTES = 256 * 1024 * 1024     # decoded frames kept, so a backward run does not re-decode a GOP per frame
+
+
+def _pyav():
+    """PyAV, imported on first use: only movies need it, so image sequences, training, evaluation and the service
+    run where it is not installed (e.g. a GPU machine set up for torch alone)."""
+    try:
+        import av
+    except ImportError:
+        raise OAVMInputError("movies need PyAV: install it with `pip install av==18.1.0` (requirements/service.txt), "
+                             "or convert the movie to an image sequence") from None
+    return av
 
 
 def is_movie(path: str | os.PathLike) -> bool:
@@ -34,6 +44,7 @@ class MovieReader:
         self.first_frame = first_frame
         if not self.path.exists():
             raise OAVMInputError(f"{self.path} does not exist; check the movie path.")
+        av = _pyav()
         try:
             self._container = av.open(str(self.path))
         except av.error.FFmpegError as exc:
@@ -108,6 +119,7 @@ class MovieReader:
         self._next_index = -1
 
     def _decode_until(self, index: int) -> None:
+        av = _pyav()
         try:
             while True:
                 av_frame = next(self._decoder, None)
@@ -148,6 +160,7 @@ def write_movie(path: str | os.PathLike, frames: Iterable[np.ndarray], *, fps: i
 
     Returns the path and the codec used. Odd sizes are cropped by one pixel (4:2:0 video needs even sizes).
     """
+    av = _pyav()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     codec = next((name for name in ("libx264", "h264", "mpeg4") if _can_encode(name)), None)
@@ -176,6 +189,6 @@ def write_movie(path: str | os.PathLike, frames: Iterable[np.ndarray], *, fps: i
 
 def _can_encode(name: str) -> bool:
     try:
-        return av.codec.Codec(name, "w").type == "video"
+        return _pyav().codec.Codec(name, "w").type == "video"
     except Exception:  # not built into this FFmpeg
         return False
