@@ -117,6 +117,16 @@ def _oavm_fps(speed_rows: list[Row], spec: DeviceSpec, res: Resolution) -> Row |
                  and r.fps), None)
 
 
+def _versus(oavm: Row | None, timing, on_cpu: bool) -> str:
+    """The value column: OAVM's fps over RVM's (and, on a busy CPU, the steadier ratio of CPU times)."""
+    if oavm is None:
+        return ""
+    value = f"OAVM x{oavm.fps / timing.fps:.2f} RVM fps"
+    if on_cpu and oavm.cpu_ms:
+        value += f", x{oavm.cpu_ms / timing.cpu_ms:.2f} its CPU time"
+    return value
+
+
 def _torch_row(model, spec: DeviceSpec, res: Resolution, speed_rows: list[Row], opts: RunOptions) -> Row:
     import torch
 
@@ -139,16 +149,11 @@ def _torch_row(model, spec: DeviceSpec, res: Resolution, speed_rows: list[Row], 
     step(clip.frame(0))
     timing = time_steps(clip.frame, step, start=1, warmup=opts.warmup, frames=opts.frames, budget_s=opts.budget_s,
                         sync=cuda_sync(spec.device))
-    oavm = _oavm_fps(speed_rows, spec, res)
     on_cpu = spec.device == "cpu"
-    value = ""
-    if oavm:
-        value = f"OAVM x{oavm.fps / timing.fps:.2f} RVM fps"
-        if on_cpu and oavm.cpu_ms:
-            value += f", x{oavm.cpu_ms / timing.cpu_ms:.2f} its CPU time"
+    value = _versus(_oavm_fps(speed_rows, spec, res), timing, on_cpu)
     return Row("rvm", spec.label, res.label, RVM_TORCH_LABEL, frames=timing.n, fps=timing.fps, p50_ms=timing.p50_ms,
                p95_ms=timing.p95_ms, cpu_ms=timing.cpu_ms if on_cpu else None, peak_mib=mib(memory.peak_bytes()),
-               value=value, note=f"torch, recurrent ConvGRUs, ds {ratio:g}, {memory.kind}"
+               value=value, note=f"torch eager, recurrent ConvGRUs, ds {ratio:g}, {memory.kind}"
                                  + (f", threads={torch.get_num_threads()}" if on_cpu else ""))
 
 
@@ -162,13 +167,8 @@ def _row(spec: DeviceSpec, res: Resolution, providers: list[str], threads: int, 
     rvm.step(clip.frame(0))
     timing = time_steps(clip.frame, rvm.step, start=1, warmup=opts.warmup, frames=opts.frames,
                         budget_s=opts.budget_s)
-    oavm = _oavm_fps(speed_rows, spec, res)
     on_cpu = spec.device == "cpu"
-    value = ""
-    if oavm:
-        value = f"OAVM x{oavm.fps / timing.fps:.2f} RVM fps"
-        if on_cpu and oavm.cpu_ms:   # on a busy CPU the CPU-time ratio is the steadier comparison
-            value += f", x{oavm.cpu_ms / timing.cpu_ms:.2f} its CPU time"
+    value = _versus(_oavm_fps(speed_rows, spec, res), timing, on_cpu)
     return Row("rvm", spec.label, res.label, RVM_LABEL, frames=timing.n, fps=timing.fps, p50_ms=timing.p50_ms,
                p95_ms=timing.p95_ms, cpu_ms=timing.cpu_ms if on_cpu else None, peak_mib=mib(memory.peak_bytes()),
                value=value, note=f"onnxruntime {providers[0]}, ds {ratio:g}, threads={threads}, RSS peak")

@@ -56,7 +56,8 @@ def speed_row(engine, spec: DeviceSpec, res: Resolution, ckpt: Checkpoint, opts:
                p95_ms=t.p95_ms, cpu_ms=t.cpu_ms if spec.device == "cpu" else None, peak_mib=mib(run.peak_bytes),
                target=speed_target_text(target, spec.device) if target else "",
                result=verdict(t.fps >= target) if target else "",
-               note=", ".join(filter(None, [gpu_note(spec), "CUDA graphs" if engine.cuda_graphs else "", run.memory_kind,
+               note=", ".join(filter(None, [gpu_note(spec), "CUDA graphs" if engine.cuda_graphs else "",
+                                            run.memory_kind,
                                             f"threads={torch.get_num_threads()}" if spec.device == "cpu" else ""])))
 
 
