@@ -283,6 +283,7 @@ class Service:
         result = {
             "protocol": PROTOCOL_VERSION, "service_version": _version(), "pid": os.getpid(),
             "device": str(self.engine.device), "precision": self.engine.precision,
+            "cuda_graphs": self.engine.cuda_graphs,
             "checkpoint": {k: _plain(info.get(k)) for k in ("path", "sha256", "version")},
             "clips": clips, "clips_held": len(clips),
             "clips_saved": len(list(self.store.state_dir.glob("*" + STATE_SUFFIX))),
@@ -682,7 +683,7 @@ def main_serve(argv: list[str] | None = None) -> int:
         signal.signal(sig, server.request_stop)
     info = engine.checkpoint_info
     print(f"OAVM service listening on {config.endpoint} (protocol {PROTOCOL_VERSION}; device {engine.device}, "
-          f"{engine.precision}; checkpoint {info.get('path')} sha256 {str(info.get('sha256', ''))[:12]}; "
+          f"{engine.precision}{', CUDA graphs' if engine.cuda_graphs else ''}; checkpoint {info.get('path')} sha256 {str(info.get('sha256', ''))[:12]}; "
           f"{'CURVE' if config.curve_dir else 'no encryption, loopback only'}; max {config.max_clips} clips; "
           f"state dir {config.state_dir})", flush=True)
     return server.run()

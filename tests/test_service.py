@@ -203,6 +203,7 @@ def test_two_clients_three_clips_interleaved_match_the_engine(service: str, engi
 def test_status_reports_device_checkpoint_limits(client: OAVMClient, checkpoint: Path) -> None:
     status = client.status()
     assert status["protocol"] == PROTOCOL_VERSION and status["device"] == "cpu" and status["precision"] == "fp32"
+    assert status["cuda_graphs"] is False
     assert Path(status["checkpoint"]["path"]).name == checkpoint.name and len(status["checkpoint"]["sha256"]) == 64
     assert status["loopback"] is True and status["matte_file"] is True
     assert status["limits"]["max_clips"] >= 1 and status["limits"]["max_frame_pixels"] > 0
