@@ -28,7 +28,7 @@ step 180 "bench (CUDA graphs, the default)" python3 -m bench --devices cuda --fr
     --out "$OUT/graphs"
 step 50 "A/B of the GPU variants" python3 -m bench.cuda_ab --rounds 30 --resolutions 1920x1080@0.25,3840x2160@0.125 \
     --json "$OUT/ab.json"
-step 45 "bench, eager speed rows" python3 -m bench --devices cuda --no-cuda-graphs --skip-memory --skip-service \
+step 90 "bench, eager speed rows" python3 -m bench --devices cuda --no-cuda-graphs --skip-memory --skip-service \
     --skip-rvm --skip-profile --frames 60 --warmup 10 --budget-s 6 --out "$OUT/eager"
-step 40 "CUDA tests" python3 -m pytest -q tests/test_cuda_graphs.py
+step 60 "CUDA tests" python3 -m pytest -q tests/test_cuda_graphs.py tests/test_train_resume.py -k "cuda or graph or frame"
 echo "=== done $(date +%T)" | tee -a "$LOG"
