@@ -145,3 +145,28 @@ def test_a_nan_frame_is_refused_on_the_gpu_with_graphs_too(tiny_model, make_clip
         session.step(bad)
     assert session.frames_seen == 2
     session.step(images[2])
+
+
+def test_packed_outputs_as_a_gpu_returns_them_give_the_same_mattes(tiny_model, make_clip, monkeypatch):
+    """The GPU's form of a step's outputs - one (N, 5, H, W) tensor copied back at once - read into the same
+    alpha, fgmask and foreground per object as the CPU's unpacked planes (two objects, foreground on)."""
+    images, _ = make_clip(3, 40, 56, seed=2)
+    prompts = {"a": _box(40, 56, 4, 20, 4, 30), "b": _box(40, 56, 18, 38, 20, 50)}
+    plain = Engine(tiny_model, device="cpu", precision="fp32").new_session(downsample_ratio=0.5)
+    expected = [plain.step(images[0], prompts)] + [plain.step(f) for f in images[1:]]
+
+    unpacked = engine_module.advance_outputs
+
+    def packed(*args, **kwargs):
+        planes, nxt = unpacked(*args, **kwargs)
+        return torch.cat(planes, dim=1).contiguous(), nxt
+
+    monkeypatch.setattr(engine_module, "advance_outputs", packed)
+    session = Engine(tiny_model, device="cpu", precision="fp32").new_session(downsample_ratio=0.5)
+    got = [session.step(images[0], prompts)] + [session.step(f) for f in images[1:]]
+    for t, (want, have) in enumerate(zip(expected, got)):
+        assert list(want) == list(have) == ["a", "b"]
+        for obj in want:
+            for name in ("alpha", "fgmask", "foreground"):
+                assert np.array_equal(getattr(have[obj], name), getattr(want[obj], name)), (t, obj, name)
+            assert have[obj].foreground.shape == (40, 56, 3) and have[obj].alpha.flags.c_contiguous
