@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from bench.common import OBJECT_ID, Resolution, SampleClip
+from bench.common import OBJECT_ID, Resolution, SampleClip, cuda_sync
 
 DEFAULT_RESOLUTIONS = "512x288@1,1920x1080@0.25,3840x2160@0.125"
 
@@ -57,11 +57,9 @@ VARIANTS = [
 
 def run(resolution: Resolution, rounds: int, warmup: int, checkpoint: str | None, device: str = "cuda"
         ) -> list[dict]:
-    from bench.common import cuda_sync
     from oavm_service.engine import Engine
 
     sync = cuda_sync(device)
-
     clip = SampleClip(resolution.width, resolution.height)
     variants = [Variant(v.name, v.precision, v.cuda_graphs, v.fp32_weights, v.pageable) for v in VARIANTS]
     reference = Engine.from_checkpoint(checkpoint, device=device, precision="fp32", cuda_graphs=False).new_session(
