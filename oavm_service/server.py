@@ -408,7 +408,7 @@ class Service:
         return obj_id, buf.array
 
     def _read_frame_file(self, path: str | None, colorspace: str) -> np.ndarray:
-        from oavm_service.io.colour import InputColorspace, resolve_colorspace, to_network_rgb
+        from oavm_service.io.colour import InputColorspace
         from oavm_service.io.images import read_header, read_image
         from oavm_service.io.movies import is_movie
 
@@ -423,9 +423,7 @@ class Service:
         if height * width > self.limits.max_frame_pixels:
             raise OAVMServiceError(ErrorCode.TOO_LARGE, f"{path} is {width}x{height} pixels; this service accepts "
                                                         f"at most {self.limits.max_frame_pixels} per frame")
-        image = read_image(path)
-        space = resolve_colorspace(InputColorspace.parse(colorspace), is_float=image.is_float)
-        return to_network_rgb(image.rgb(), space)
+        return read_image(path).network_rgb(InputColorspace.parse(colorspace))
 
     def _state_file(self, raw: str) -> Path:
         """A client-named state file: absolute; beyond loopback only inside the state directory."""

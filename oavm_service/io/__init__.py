@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from oavm_service.errors import OAVMInputError
-from oavm_service.io.colour import InputColorspace, resolve_colorspace, to_network_rgb
+from oavm_service.io.colour import InputColorspace, to_network_rgb
 from oavm_service.io.images import Image, ImageHeader, Window, read_header, read_image
 from oavm_service.io.movies import MovieReader, is_movie
 from oavm_service.io.sequences import FramePattern, parse_frame_range
@@ -88,10 +88,9 @@ class FrameSource:
                          to_network_rgb(rgb, InputColorspace.DISPLAY))
         image: Image = read_image(self.pattern.path(frame))
         rgb = image.rgb()
-        colorspace = resolve_colorspace(self.colorspace, is_float=image.is_float)
         header = ImageHeader(image.path, image.channels, image.data_window, image.display_window,
                              image.pixel_type, image.attributes)
-        return Plate(frame, str(image.path), header, rgb, to_network_rgb(rgb, colorspace))
+        return Plate(frame, str(image.path), header, rgb, image.network_rgb(self.colorspace, rgb))
 
     def close(self) -> None:
         if self.movie is not None:

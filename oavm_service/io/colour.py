@@ -9,6 +9,7 @@ coverage, not colour, and is written back unchanged; only the network's view of 
 from __future__ import annotations
 
 from enum import Enum
+from functools import lru_cache
 
 import numpy as np
 
@@ -72,7 +73,18 @@ def to_network_rgb(rgb: np.ndarray, colorspace: InputColorspace) -> np.ndarray:
     """
     if colorspace is InputColorspace.AUTO:
         raise ValueError("resolve 'auto' with resolve_colorspace() before converting")
+    if rgb.dtype == np.float16:   # a half-float plate: one lookup per pixel, the very values computed below
+        return _half_table(colorspace)[np.ascontiguousarray(rgb).view(np.uint16)]
     x = np.nan_to_num(np.asarray(rgb, dtype=np.float32), nan=0.0, posinf=1.0, neginf=0.0)
     if colorspace is InputColorspace.LINEAR:
         x = linear_to_srgb(x)
     return np.clip(x, 0.0, 1.0).astype(np.float32, copy=False)
+
+
+@lru_cache(maxsize=None)
+def _half_table(colorspace: InputColorspace) -> np.ndarray:
+    """:func:`to_network_rgb` of every float16 value, indexed by its 16 bits. Half-float EXR plates are the farm's
+    usual input, and the sRGB curve's ``power`` made the conversion of a 1080p frame 112 ms on this project's CPU
+    (the network step is ~260 ms); through the table, float16 cast included, it takes 44 ms, same values."""
+    every_half = np.arange(1 << 16, dtype=np.uint16).view(np.float16).astype(np.float32)
+    return to_network_rgb(every_half, colorspace)

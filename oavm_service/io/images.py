@@ -25,6 +25,7 @@ import numpy as np
 import OpenImageIO as oiio
 
 from oavm_service.errors import OAVMInputError
+from oavm_service.io.colour import InputColorspace, resolve_colorspace, to_network_rgb
 
 # Rec.709 luma weights: how a colour mask image becomes one coverage value per pixel.
 LUMA_WEIGHTS = np.array([0.2126, 0.7152, 0.0722], dtype=np.float32)
@@ -80,6 +81,15 @@ class Image(ImageHeader):
                 f"{self.path} has no channel {name!r}; its channels are {', '.join(self.channels)}. "
                 "Pass one of these (e.g. --mask-channel) or use another file.")
         return self.pixels[..., self.channels.index(name)]
+
+    def network_rgb(self, colorspace: InputColorspace = InputColorspace.AUTO, rgb: np.ndarray | None = None
+                    ) -> np.ndarray:
+        """What the engine gets: :func:`~oavm_service.io.colour.to_network_rgb` of :meth:`rgb` (or of ``rgb`` when
+        the caller has it already), ``auto`` resolved by the pixel type. A half-float file's values are exactly
+        float16, so they go through the table of every half value: the same numbers, ten times faster."""
+        rgb = self.rgb() if rgb is None else rgb
+        space = resolve_colorspace(colorspace, is_float=self.is_float)
+        return to_network_rgb(rgb.astype(np.float16) if self.pixel_type == "half" else rgb, space)
 
     def rgb(self) -> np.ndarray:
         """The colour channels as (H, W, 3): R, G, B by name, else the first three, a grey image repeated."""

@@ -32,7 +32,6 @@ from typing import Callable, Iterable, Protocol, Sequence
 import numpy as np
 
 from oavm_service.errors import OAVMError, OAVMInputError
-from oavm_service.io.colour import InputColorspace, resolve_colorspace, to_network_rgb
 from oavm_service.io.images import read_image, read_mask, write_image
 from oavm_service.train.data import cover_crop_box, crop_resize, read_grey
 from oavm_service.train.metrics import ALPHA_METRICS, MASK_METRICS, AlphaClipScore, MaskClipScore
@@ -101,8 +100,7 @@ def find_clips(folder: str | Path, names: Sequence[str] | None = None) -> list[E
 
 def read_frame(path: Path) -> np.ndarray:
     """A plate as the engine wants it: (H, W, 3) float32 display-referred in [0, 1] (linear EXR -> sRGB)."""
-    image = read_image(path)
-    return to_network_rgb(image.rgb(), resolve_colorspace(InputColorspace.AUTO, is_float=image.is_float))
+    return read_image(path).network_rgb()
 
 
 def read_truth(path: Path, kind: str) -> np.ndarray:
