@@ -436,3 +436,39 @@ def test_demo_writes_mattes_contact_sheet_and_movie(checkpoint, tmp_path, capsys
         decoded = [f.to_ndarray(format="rgb24") for f in movie.decode(video=0)]
     assert len(decoded) == 2 and decoded[0].shape == (480, 854, 3)
     assert "contact sheet" in out and str(tmp_path / "judo_composite.mp4") in out
+
+
+def test_read_ahead_reads_the_next_frame_on_a_worker_and_raises_at_the_bad_frame():
+    """The farm batch reads frame k+1 while frame k is in the network: frames arrive in order, reads happen on
+    the worker (one ahead, never more), and a frame that cannot be read raises when it is asked for."""
+    import threading
+    import time
+
+    from oavm_service.batch import ReadAhead
+    from oavm_service.errors import OAVMInputError
+
+    log: list[tuple[int, str]] = []
+    release = threading.Event()
+
+    def read(frame: int):
+        log.append((frame, threading.current_thread().name))
+        if frame == 12:
+            release.wait(5)
+            raise OAVMInputError("frame 12 is corrupt")
+        return f"plate {frame}"
+
+    with ReadAhead(read, [10, 11, 12, 13]) as plates:
+        assert plates.next() == "plate 10"
+        assert plates.next() == "plate 11"          # asking for 11 set 12 going; 13 waits for 12 to be asked for
+        deadline = time.monotonic() + 5
+        while len(log) < 3 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.05)                            # (nothing else may start meanwhile)
+        assert [f for f, _ in log] == [10, 11, 12]
+        assert all(name.startswith("oavm-read-ahead") for _, name in log)
+        release.set()
+        with pytest.raises(OAVMInputError, match="frame 12 is corrupt"):
+            plates.next()
+        assert plates.next() == "plate 13"
+        with pytest.raises(IndexError):
+            plates.next()
