@@ -130,7 +130,7 @@ def _versus(oavm: Row | None, timing, on_cpu: bool) -> str:
 def _torch_row(model, spec: DeviceSpec, res: Resolution, speed_rows: list[Row], opts: RunOptions) -> Row:
     import torch
 
-    from oavm_service.engine import PRECISIONS
+    from oavm_service.engine import PRECISIONS, unit_frame
 
     clip = SampleClip(res.width, res.height)
     ratio = rvm_downsample_ratio(res)
@@ -140,8 +140,8 @@ def _torch_row(model, spec: DeviceSpec, res: Resolution, speed_rows: list[Row], 
     def step(frame: np.ndarray) -> np.ndarray:
         nonlocal hidden
         with torch.inference_mode(), torch.autocast(spec.device, dtype=dtype, enabled=dtype is not None):
-            x = torch.from_numpy(frame).to(spec.device, non_blocking=True).float().div_(255.0)
-            pha, hidden = model(x.permute(2, 0, 1).unsqueeze(0), hidden, ratio)
+            x, _ = unit_frame(torch.from_numpy(frame).to(spec.device, non_blocking=True))   # as the engine does
+            pha, hidden = model(x, hidden, ratio)
             return pha.float().cpu().numpy()
 
     memory = PeakMemory(spec.device)
