@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "batch": ("oavm_service.batch", "matte an image sequence or movie headlessly (render farms)"),
     "demo": ("oavm_service.demo", "matte the bundled sample clip and write a preview"),
     "train": ("oavm_service.train.loop", "train from a recipe file (configs/*.toml)"),
+    "pack-data": ("oavm_service.train.pack", "pack a recipe's training data into one small folder (GPU runs)"),
     "eval": ("oavm_service.train.evaluate", "evaluate a checkpoint: MAD, MSE, Grad, Conn, dtSSD, J, F"),
     "import-rvm": ("oavm_service.train.import_rvm", "load RVM's pretrained weights (ONNX) into an OAVM checkpoint"),
     "distill": ("oavm_service.train.distill", "move a trained checkpoint to the light pixel decoder (distillation)"),

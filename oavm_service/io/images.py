@@ -390,6 +390,39 @@ def write_image(path: str | os.PathLike, pixels: np.ndarray, channels: list[str]
     return path
 
 
+def write_8bit(path: str | os.PathLike, pixels: np.ndarray, channels: list[str] | tuple[str, ...], *,
+               jpeg_quality: int = 95) -> Path:
+    """Write (H, W, C) uint8 pixels as they are to a .jpg or .png (data, e.g. ``oavm pack-data``; not mattes,
+    which :func:`write_image` keeps at 16 bits or half float). Atomic like :func:`write_image`."""
+    path = Path(path)
+    pixels = np.ascontiguousarray(pixels)
+    if pixels.dtype != np.uint8 or pixels.ndim != 3 or pixels.shape[2] != len(channels):
+        raise ValueError(f"write_8bit takes (H, W, {len(channels)}) uint8 pixels, got {pixels.dtype} {pixels.shape}")
+    if path.suffix.lower() not in (".jpg", ".jpeg", ".png"):
+        raise OAVMInputError(f"write_8bit writes .jpg or .png, not {path.suffix or 'a file without extension'}")
+    spec = oiio.ImageSpec(pixels.shape[1], pixels.shape[0], pixels.shape[2], oiio.UINT8)
+    spec.channelnames = tuple(channels)
+    if path.suffix.lower() != ".png":
+        spec.attribute("Compression", f"jpeg:{int(jpeg_quality)}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temporary_path(path)
+    out = oiio.ImageOutput.create(str(path))
+    if out is None:
+        raise OAVMInputError(f"cannot write {path}: {oiio.geterror()}")
+    try:
+        if not out.open(str(tmp), spec):
+            raise OAVMInputError(f"cannot write {path}: {out.geterror()}; check the folder exists and is writable.")
+        ok = out.write_image(pixels)
+        ok = out.close() and ok
+        if not ok:
+            raise OAVMInputError(f"writing {path} failed: {out.geterror()}; check free disk space.")
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
 def verify_image(path: str | os.PathLike, *, channels: tuple[str, ...] | list[str],
                  data_window: Window, display_window: Window | None = None) -> str | None:
     """Why ``path`` is not a complete output with these channels and windows, or None when it is.

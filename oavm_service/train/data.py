@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import zlib
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -99,20 +100,25 @@ def crop_resize(image: np.ndarray, box: tuple[int, int, int, int], size: Size, *
 
 
 class _ImageCache:
-    """A small in-memory LRU of decoded, resized images (re-reading JPEGs dominates a CPU training step)."""
+    """A small in-memory LRU of decoded, resized images (re-reading JPEGs dominates a CPU training step).
+
+    Thread-safe: training draws the next batch on a worker thread while validation draws on the main one."""
 
     def __init__(self, capacity: int = 2048):
         self.capacity = capacity
         self._items: OrderedDict[tuple, np.ndarray] = OrderedDict()
+        self._lock = threading.Lock()
 
     def get(self, key: tuple, load: Callable[[], np.ndarray]) -> np.ndarray:
-        if key in self._items:
-            self._items.move_to_end(key)
-            return self._items[key]
-        value = load()
-        self._items[key] = value
-        if len(self._items) > self.capacity:
-            self._items.popitem(last=False)
+        with self._lock:
+            if key in self._items:
+                self._items.move_to_end(key)
+                return self._items[key]
+        value = load()                                   # outside the lock: decoding is the slow part
+        with self._lock:
+            self._items[key] = value
+            if len(self._items) > self.capacity:
+                self._items.popitem(last=False)
         return value
 
 
@@ -614,6 +620,12 @@ def whole_object_alpha(alpha: np.ndarray, labels: np.ndarray, object_ids: list[i
     return out
 
 
+def finish_cached(seq: CachedSequence) -> CachedSequence:
+    """A stored sequence (teacher cache or data pack) as training uses it: alpha over the whole object."""
+    return CachedSequence(seq.name, seq.frames, seq.labels, whole_object_alpha(seq.alpha, seq.labels, seq.object_ids),
+                          seq.object_ids)
+
+
 class TeacherCache:
     """Teacher (RVM) pseudo-alpha for real footage, computed once per sequence and resolution into ``folder``.
 
@@ -639,14 +651,18 @@ class TeacherCache:
 
     def load(self, dataset: str, seq: MaskedSequence, size: Size, *, log: Callable[[str], None] = print
              ) -> CachedSequence:
+        """The sequence as training uses it (:func:`finish_cached`)."""
+        return finish_cached(self.load_raw(dataset, seq, size, log=log))
+
+    def load_raw(self, dataset: str, seq: MaskedSequence, size: Size, *, log: Callable[[str], None] = print
+                 ) -> CachedSequence:
+        """The sequence as stored: the teacher's pseudo-alpha as computed (what ``oavm pack-data`` packs)."""
         path = self.path(dataset, seq, size)
         if not path.exists():
             log(f"teacher cache: computing {dataset}/{seq.name} at {size[1]}x{size[0]} -> {path}")
             self._compute(seq, size, path)
         with np.load(path) as z:
-            ids = [int(v) for v in z["object_ids"]]
-            alpha = whole_object_alpha(z["alpha"], z["labels"], ids)
-            return CachedSequence(seq.name, z["frames"], z["labels"], alpha, ids)
+            return CachedSequence(seq.name, z["frames"], z["labels"], z["alpha"], [int(v) for v in z["object_ids"]])
 
     def _teacher_instance(self):
         if self._teacher is None:

@@ -22,6 +22,7 @@ import argparse
 import contextlib
 import csv
 import dataclasses
+import functools
 import math
 import os
 import random
@@ -93,6 +94,10 @@ class TrainConfig:
     freeze_batchnorm: bool = True      # keep BN statistics of the (pretrained) backbone; batches here are small
     cache_dir: str = ".cache/teacher"
     teacher_scale: float = 2.0
+    prefetch: bool | None = None       # draw the next batch on a worker thread during a step (None: on CUDA, where
+                                       # drawing in line would leave the GPU idle; same batches either way)
+    data_pack: str = ""                # a folder from `oavm pack-data`: read the teacher sequences and background
+                                       # videos from it instead of their roots (a run on another machine)
     ema_decay: float = 0.0             # > 0: validate and export an exponential moving average of the weights
                                        # (0.99 ~ the last 100 steps): batch-1 CPU training is noisy step to step
 
@@ -119,13 +124,32 @@ def _dataclass_from(cls, values: dict[str, Any], where: str):
 
 
 def load_recipe(path: str | os.PathLike) -> Recipe:
-    """Parse a TOML recipe. Paths inside it are relative to the repository root unless absolute."""
-    path = Path(path)
+    """Parse a TOML recipe. Paths inside it are relative to the repository root unless absolute.
+
+    ``extends = "other.toml"`` (beside this file) starts from that recipe: tables merge key by key, anything else
+    (``stages``, ``validation``, a dataset's ``sources``) is replaced as a whole.
+    """
+    return recipe_from_dict(_read_recipe(Path(path)), default_name=Path(path).stem)
+
+
+def _read_recipe(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     if not path.is_file():
         raise OAVMInputError(f"recipe {path} not found; pass one of configs/*.toml with --config")
+    if path.resolve() in seen:
+        raise OAVMInputError(f"recipe {path} extends itself (through {' -> '.join(p.name for p in seen)})")
     with open(path, "rb") as f:
         raw = tomllib.load(f)
-    return recipe_from_dict(raw, default_name=path.stem)
+    base = raw.pop("extends", None)
+    if base is None:
+        return raw
+    return _merged(_read_recipe(path.parent / base, seen + (path.resolve(),)), raw)
+
+
+def _merged(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = _merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
 
 
 def recipe_from_dict(raw: dict[str, Any], default_name: str = "recipe") -> Recipe:
@@ -170,10 +194,17 @@ def build_sampler(name: str, spec: dict[str, Any], recipe: Recipe, size: tuple[i
     kind = spec.get("kind")
     aug = recipe.augment
     cache = D.TeacherCache(_path(recipe.train.cache_dir), teacher_scale=recipe.train.teacher_scale)
+    pack = None
+    if recipe.train.data_pack:
+        from .pack import DataPack
+        pack = DataPack(_path(recipe.train.data_pack))
 
     def teacher_sequences(items: list[dict[str, Any]]) -> list[D.CachedSequence]:
         out = []
         for item in items:
+            if pack is not None:
+                out += pack.sequences(item, size)
+                continue
             for seq in D.masked_videos(_path(item["root"]), include=item.get("include"),
                                        exclude=item.get("exclude", ())):
                 out.append(cache.load(item.get("name", Path(item["root"]).name), seq, size, log=log))
@@ -189,7 +220,9 @@ def build_sampler(name: str, spec: dict[str, Any], recipe: Recipe, size: tuple[i
             raise OAVMInputError(f"dataset {name}: foregrounds.kind must be 'videomatte' or 'teacher'")
         backgrounds = D.BackgroundProvider()
         for bg in spec.get("backgrounds", []):
-            if bg.get("kind") == "videos":
+            if bg.get("kind") == "videos" and pack is not None:
+                backgrounds.videos += pack.background_videos(bg, size)
+            elif bg.get("kind") == "videos":
                 frames = tuple(bg["frames"]) if "frames" in bg else None
                 backgrounds.videos += D.background_videos(_path(bg["root"]), frames=frames)
             elif bg.get("kind") == "images":
@@ -227,6 +260,32 @@ def draw_batch(samplers: dict[str, D.ClipSampler], stage: StageConfig, seed: int
     clips = [samplers[name].sample(step_generator(seed, stage_index, step, i + 1), stage.clip_length, stage.size)
              for i in range(stage.batch_size)]
     return D.collate(clips)
+
+
+class BatchPrefetch:
+    """Draws step ``n + 1``'s batch on a worker thread while step ``n`` trains.
+
+    A batch is a pure function of its position (:func:`draw_batch`), so the batches, and with them the losses and
+    an exact ``--resume``, are those of drawing in line; a drawing error surfaces at the step it belongs to.
+    """
+
+    def __init__(self, draw: Callable[[int], D.Batch]):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self._draw = draw
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="oavm-batch")
+        self._next: tuple[int, Any] | None = None
+
+    def get(self, step: int) -> D.Batch:
+        if self._next is not None and self._next[0] == step:
+            batch = self._next[1].result()
+        else:
+            batch = self._draw(step)
+        self._next = (step + 1, self._pool.submit(self._draw, step + 1))
+        return batch
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
 
 
 # ============================================================================================== model
@@ -633,6 +692,8 @@ def train(recipe: Recipe, out: Path, *, device: torch.device, resume: Path | Non
             f"{stage.datasets}, device {device}{' (AMP)' if use_amp else ''}")
         set_train_mode(model, cfg.freeze_batchnorm)
         window_start, window_clips = time.monotonic(), 0
+        draw = functools.partial(draw_batch, samplers, stage, cfg.seed, stage_index)
+        prefetch = BatchPrefetch(draw) if (device.type == "cuda" if cfg.prefetch is None else cfg.prefetch) else None
         while pos.step < total:
             if max_steps is not None and pos.global_step >= max_steps:
                 stopped = True
@@ -641,7 +702,7 @@ def train(recipe: Recipe, out: Path, *, device: torch.device, resume: Path | Non
                 log(f"--max-minutes {max_minutes:g} reached: stopping with a checkpoint")
                 stopped = True
                 break
-            batch = draw_batch(samplers, stage, cfg.seed, stage_index, pos.step).to(device)
+            batch = (prefetch.get(pos.step) if prefetch is not None else draw(pos.step)).to(device)
             with torch.autocast("cuda", dtype=torch.float16, enabled=use_amp):
                 pred = forward_clip(model, batch)
             loss = compute_loss(pred, batch, recipe.loss, num_classes)
@@ -690,6 +751,8 @@ def train(recipe: Recipe, out: Path, *, device: torch.device, resume: Path | Non
             if cfg.checkpoint_every and pos.global_step % cfg.checkpoint_every == 0:
                 save_training_state(out / "checkpoints" / "last.pt", model, optimizer, scheduler, scaler, pos, recipe,
                                     average)
+        if prefetch is not None:
+            prefetch.close()
         pos.elapsed_s += time.monotonic() - start
         if stopped:
             save_training_state(out / "checkpoints" / "last.pt", model, optimizer, scheduler, scaler, pos, recipe,
@@ -749,9 +812,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-minutes", type=float, help="stop cleanly (with a checkpoint) after this long")
     parser.add_argument("--device", default="auto", help="cpu | cuda | auto (default: cuda if available)")
     parser.add_argument("--out", help="output folder (default runs/<recipe name>)")
+    parser.add_argument("--data-pack", help="read the recipe's data from a folder made by `oavm pack-data`")
     args = parser.parse_args(argv)
     try:
         recipe = load_recipe(args.config)
+        if args.data_pack:
+            recipe.train.data_pack = str(Path(args.data_pack).resolve())
         out = Path(args.out) if args.out else REPO / "runs" / recipe.name
         train(recipe, out, device=resolve_device(args.device), resume=Path(args.resume) if args.resume else None,
               max_minutes=args.max_minutes)
