@@ -19,7 +19,7 @@ from pathlib import Path
 
 from bench.common import NO_GPU, REPO, RESULTS_DIR, DeviceSpec, Resolution, RunOptions, one_spec_per_device, \
     parse_lengths
-from bench.report import Row, format_table, rows_to_json
+from bench.report import SERVICE_TARGET_SIZE, Row, format_table, rows_to_json
 from oavm_service.errors import OAVMError
 
 DEFAULT_RESOLUTIONS = "512x288@1,512x288@0.5,1920x1080@0.25,3840x2160@0.125"
@@ -57,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="CUDA rows: run every step eagerly (default: the engine's CUDA graphs, as the product runs)")
     for name in ("speed", "memory", "service", "rvm", "profile"):
         p.add_argument(f"--skip-{name}", action="store_true", help=f"leave out the {name} bench")
+    p.add_argument("--service-variants-at", default=SERVICE_TARGET_SIZE, metavar="WxH",
+                   help="frame size of the service rows with float16 and streamed frames (default the target's, "
+                        f"{SERVICE_TARGET_SIZE}; one of --resolutions)")
     p.add_argument("--out", type=Path, default=RESULTS_DIR, help="where the JSON and PNG go (default bench/results)")
     return p
 
@@ -129,7 +132,7 @@ def run(args: argparse.Namespace, workdir: Path) -> tuple[list[Row], dict]:
         rows += run_speed(args.devices, args.resolutions, ckpt, opts)
     if not args.skip_service:
         service_res = [r for r in args.resolutions if r.pixels <= SERVICE_MAX_PIXELS] or args.resolutions[:1]
-        rows += run_service(args.devices, service_res, ckpt, opts, workdir)
+        rows += run_service(args.devices, service_res, ckpt, opts, workdir, variants_at=args.service_variants_at)
     if not args.skip_rvm:
         rows += run_rvm(args.devices, args.resolutions, rows, opts)
     if not args.skip_profile:

@@ -7,11 +7,18 @@ Service and in-process steps alternate frame by frame (and which goes first alte
 a shared machine hits both alike; the ratio of their median frame times is the hop's cost: encoding, two loopback
 copies, decoding and the service's own bookkeeping. The service logs its own time per request, which splits the
 difference into "transport + client" (stable) and "service step vs in-process step" (noise on a shared CPU).
+
+At the target size (1080p) three more rows show what a client that streams frames can get: float16 frames and
+replies (``reply_dtype``) one at a time; the same with two frames in flight (``OAVMClient.matte_stream``), over
+TCP and, where the platform has it, over ``ipc://``. A streamed row times blocks of frames, alternating a block
+through the service with the same block in-process, and compares the median time per frame.
 """
 from __future__ import annotations
 
 import os
 import re
+import shutil
+import socket
 import statistics
 import subprocess
 import sys
@@ -51,25 +58,33 @@ class Service:
 
 
 def free_port() -> int:
-    import socket
-
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
+STREAM_BLOCK = 8          # frames per block of a streamed row
+
+
 @contextmanager
 def running_service(ckpt: Checkpoint, spec: DeviceSpec, workdir: Path, ready_timeout_s: float = 180.0,
-                    cuda_graphs: bool = True) -> Iterator[Service]:
-    """Start ``python -m oavm_service serve`` on loopback; yield it; always stop it.
+                    cuda_graphs: bool = True, transport: str = "tcp") -> Iterator[Service]:
+    """Start ``python -m oavm_service serve`` on loopback (``transport`` "tcp" or "ipc"); yield it; always stop it.
 
     The service gets this process's torch thread count, so both sides of the comparison compute alike.
     """
+    import tempfile
+
     import torch
 
     threads = torch.get_num_threads()
-    endpoint = f"tcp://127.0.0.1:{free_port()}"
-    log_path = Path(workdir) / f"service-{spec.device}-{spec.precision}.log"
+    if transport == "ipc":      # a short path: ipc endpoints are Unix socket names (about 100 bytes at most)
+        sock_dir = tempfile.mkdtemp(prefix="oavm-")
+        endpoint = f"ipc://{sock_dir}/bench.sock"
+    else:
+        sock_dir = None
+        endpoint = f"tcp://127.0.0.1:{free_port()}"
+    log_path = Path(workdir) / f"service-{spec.device}-{spec.precision}-{transport}.log"
     cmd = [sys.executable, "-m", "oavm_service", "serve", "--endpoint", endpoint, "--checkpoint", str(ckpt.path),
            "--device", spec.device, "--precision", spec.precision, "--state-dir", str(Path(workdir) / "state"),
            "--log-level", "info"] + ([] if cuda_graphs else ["--no-cuda-graphs"])
@@ -95,31 +110,40 @@ def running_service(ckpt: Checkpoint, spec: DeviceSpec, workdir: Path, ready_tim
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+            if sock_dir:
+                shutil.rmtree(sock_dir, ignore_errors=True)
 
 
-def _float_frame(clip: SampleClip, i: int) -> np.ndarray:
-    return clip.frame(i).astype(np.float32) / np.float32(255.0)
+def _float_frame(clip: SampleClip, i: int, dtype=np.float32) -> np.ndarray:
+    return (clip.frame(i).astype(np.float32) / np.float32(255.0)).astype(dtype, copy=False)
+
+
+def _target(res: Resolution) -> str:
+    return f"<= +{SERVICE_OVERHEAD_MAX:.0%} at {SERVICE_TARGET_SIZE}" if res.size == SERVICE_TARGET_SIZE else ""
 
 
 def hop_row(client, service: Service, engine, spec: DeviceSpec, res: Resolution, ckpt: Checkpoint,
-            opts: RunOptions) -> Row:
-    """One resolution in lockstep; the service's log splits its extra time into transport and service work."""
+            opts: RunOptions, *, half: bool = False) -> Row:
+    """One resolution in lockstep; the service's log splits its extra time into transport and service work.
+
+    ``half``: float16 frames and replies (both sides get the same float16 frames)."""
     clip = SampleClip(res.width, res.height)
-    clip_id = "bench-" + res.label.replace(" ", "-")    # one clip per row: the log is searched by clip id
+    dtype = np.float16 if half else np.float32
+    clip_id = "bench-" + res.label.replace(" ", "-") + ("-f16" if half else "")   # the log is searched by clip id
     sync = cuda_sync(str(engine.device))
     service_memory = PeakMemory("cpu", service.proc.pid) if spec.device == "cpu" else None
     session = bench_session(engine, res)
     if service_memory:
         service_memory.reset()
-    frame = _float_frame(clip, 0)
+    frame = _float_frame(clip, 0, dtype)
     client.open_clip(clip_id, 0, frame, {OBJECT_ID: clip.mask}, restart=True,
-                     downsample_ratio=res.downsample_ratio)
+                     downsample_ratio=res.downsample_ratio, reply_dtype="float16" if half else "float32")
     session.step(frame, {OBJECT_ID: clip.mask})
     hop, local, timed = Timing(), Timing(), set()
     t_end = time.perf_counter() + opts.budget_s
     i = 1
     while hop.n < opts.frames and (hop.n < 3 or time.perf_counter() < t_end):
-        frame = _float_frame(clip, i)
+        frame = _float_frame(clip, i, dtype)
         # alternate who goes first, so neither side always runs right after the other (caches, scheduler)
         first, second = ("service", "local") if i % 2 else ("local", "service")
         times = {}
@@ -141,18 +165,65 @@ def hop_row(client, service: Service, engine, spec: DeviceSpec, res: Resolution,
     handled = service.handled_ms(clip_id, timed)
     split = (f"; in the service {statistics.median(handled):.1f} ms, so transport + client "
              f"{hop.p50_ms - statistics.median(handled):.1f} ms" if handled else "")
-    target = f"<= +{SERVICE_OVERHEAD_MAX:.0%} at {SERVICE_TARGET_SIZE}" if res.size == SERVICE_TARGET_SIZE else ""
-    return Row("service", spec.label, res.label, ckpt.label, frames=hop.n, fps=hop.fps,
+    target = _target(res)
+    wire = "float16 frames and replies" if half else "float32 frames"
+    return Row("service", spec.label, res.label + (" f16" if half else ""), ckpt.label, frames=hop.n, fps=hop.fps,
                p50_ms=hop.p50_ms, p95_ms=hop.p95_ms,
                peak_mib=mib(service_memory.peak_bytes()) if service_memory else None,
                value=f"x{ratio:.3f} vs in-process ({ratio - 1:+.1%}, {hop.p50_ms - local.p50_ms:+.0f} ms)",
                target=target, result=verdict(ratio - 1 <= SERVICE_OVERHEAD_MAX) if target else "",
-               note=f"in-process p50 {local.p50_ms:.1f} ms{split}; float32 frames"
+               note=f"in-process p50 {local.p50_ms:.1f} ms{split}; {wire}, one frame at a time, tcp"
                     + ("; service RSS peak" if service_memory else ""))
 
 
+def stream_row(client, service: Service, engine, spec: DeviceSpec, res: Resolution, ckpt: Checkpoint,
+               opts: RunOptions, transport: str) -> Row:
+    """Float16 frames and replies, two in flight (``matte_stream``), against the same frames in-process.
+
+    Blocks of STREAM_BLOCK frames alternate between the service and the engine (and which goes first alternates);
+    each block's time per frame is one sample, the first blocks (``opts.warmup`` frames) are warm-up."""
+    clip = SampleClip(res.width, res.height)
+    clip_id = f"bench-stream-{transport}-" + res.label.replace(" ", "-")
+    sync = cuda_sync(str(engine.device))
+    session = bench_session(engine, res)
+    frame = _float_frame(clip, 0, np.float16)
+    client.open_clip(clip_id, 0, frame, {OBJECT_ID: clip.mask}, restart=True,
+                     downsample_ratio=res.downsample_ratio, reply_dtype="float16")
+    session.step(frame, {OBJECT_ID: clip.mask})
+    hop, local = Timing(), Timing()
+    t_end = time.perf_counter() + opts.budget_s
+    i, block = 1, 0
+    while hop.n < 3 or (hop.n * STREAM_BLOCK < opts.frames and time.perf_counter() < t_end):
+        frames = [_float_frame(clip, i + k, np.float16) for k in range(STREAM_BLOCK)]
+        times = {}
+        for side in (("service", "local") if block % 2 else ("local", "service")):
+            t0 = time.perf_counter()
+            if side == "service":
+                for _ in client.matte_stream(clip_id, i, frames):
+                    pass
+            else:
+                for f in frames:
+                    session.step(f)
+                sync()
+            times[side] = (time.perf_counter() - t0) / STREAM_BLOCK
+        if i > opts.warmup:
+            hop.seconds.append(times["service"])
+            local.seconds.append(times["local"])
+        i += STREAM_BLOCK
+        block += 1
+    client.close_clip(clip_id)
+    ratio = hop.p50_ms / local.p50_ms
+    target = _target(res)
+    return Row("service", spec.label, f"{res.label} f16 x2 {transport}", ckpt.label, frames=hop.n * STREAM_BLOCK,
+               fps=hop.fps, p50_ms=hop.p50_ms, p95_ms=hop.p95_ms,
+               value=f"x{ratio:.3f} vs in-process ({ratio - 1:+.1%}, {hop.p50_ms - local.p50_ms:+.0f} ms)",
+               target=target, result=verdict(ratio - 1 <= SERVICE_OVERHEAD_MAX) if target else "",
+               note=f"in-process p50 {local.p50_ms:.1f} ms a frame; float16 frames and replies, 2 frames in flight "
+                    f"(matte_stream), {transport}; medians of blocks of {STREAM_BLOCK} frames")
+
+
 def run_service(specs: list[DeviceSpec], resolutions: list[Resolution], ckpt: Checkpoint, opts: RunOptions,
-                workdir: Path) -> list[Row]:
+                workdir: Path, variants_at: str = SERVICE_TARGET_SIZE) -> list[Row]:
     rows: list[Row] = []
     for spec in one_spec_per_device(specs):
         reason = spec.missing_reason()
@@ -161,19 +232,26 @@ def run_service(specs: list[DeviceSpec], resolutions: list[Resolution], ckpt: Ch
                                      f"<= +{SERVICE_OVERHEAD_MAX:.0%} at {SERVICE_TARGET_SIZE}"
                                      if res.size == SERVICE_TARGET_SIZE else "") for res in resolutions)
             continue
-        rows.extend(_rows_on(spec, resolutions, ckpt, opts, workdir))
+        rows.extend(_rows_on(spec, resolutions, ckpt, opts, workdir, variants_at))
         free_memory(spec.device)
     return rows
 
 
 def _rows_on(spec: DeviceSpec, resolutions: list[Resolution], ckpt: Checkpoint, opts: RunOptions,
-             workdir: Path) -> list[Row]:
+             workdir: Path, variants_at: str) -> list[Row]:
     from shared.client import OAVMClient
 
+    engine = open_engine(ckpt, spec, cuda_graphs=opts.cuda_graphs)
+    target = [res for res in resolutions if res.size == variants_at]
+    rows = []
     with running_service(ckpt, spec, workdir, cuda_graphs=opts.cuda_graphs) as service:
-        engine = open_engine(ckpt, spec, cuda_graphs=opts.cuda_graphs)
-        client = OAVMClient(service.endpoint, timeout_s=600.0, retries=0)
-        try:
-            return [hop_row(client, service, engine, spec, res, ckpt, opts) for res in resolutions]
-        finally:
-            client.close()
+        with OAVMClient(service.endpoint, timeout_s=600.0, retries=0) as client:
+            rows += [hop_row(client, service, engine, spec, res, ckpt, opts) for res in resolutions]
+            for res in target:
+                rows.append(hop_row(client, service, engine, spec, res, ckpt, opts, half=True))
+                rows.append(stream_row(client, service, engine, spec, res, ckpt, opts, "tcp"))
+    if target and hasattr(socket, "AF_UNIX"):
+        with running_service(ckpt, spec, workdir, cuda_graphs=opts.cuda_graphs, transport="ipc") as service:
+            with OAVMClient(service.endpoint, timeout_s=600.0, retries=0) as client:
+                rows += [stream_row(client, service, engine, spec, res, ckpt, opts, "ipc") for res in target]
+    return rows

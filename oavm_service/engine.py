@@ -40,9 +40,9 @@ _NOT_FINITE = "{what} contains NaN or infinite values; fix the source pixels (e.
 class Matte:
     """One object's result for one frame, at the input frame's full resolution."""
 
-    alpha: np.ndarray        # (H, W) float32 in [0, 1]
-    fgmask: np.ndarray       # (H, W) float32 in [0, 1], the foreground (segmentation) mask S_k
-    foreground: np.ndarray | None  # (H, W, 3) float32 in [0, 1], straight (un-premultiplied) foreground colour;
+    alpha: np.ndarray        # (H, W) in [0, 1], float32 (or the session's output_dtype, e.g. float16)
+    fgmask: np.ndarray       # (H, W) in [0, 1], the foreground (segmentation) mask S_k
+    foreground: np.ndarray | None  # (H, W, 3) in [0, 1], straight (un-premultiplied) foreground colour;
                                    # None when the session was made with foreground=False
 
 
@@ -123,10 +123,13 @@ class Engine:
                 "config": header["config"].to_dict(), "meta": meta}
         return cls(model, device=str(dev), precision=precision, checkpoint_info=info, cuda_graphs=cuda_graphs)
 
-    def new_session(self, *, downsample_ratio: float | None = None, foreground: bool = True) -> "ClipSession":
+    def new_session(self, *, downsample_ratio: float | None = None, foreground: bool = True,
+                    output_dtype: str = "float32") -> "ClipSession":
         """A new clip. ``downsample_ratio`` None: automatic (long side <= 512 px at the network's input).
-        ``foreground`` False: mattes only (``Matte.foreground`` None), faster when the network runs downsampled."""
-        return ClipSession(self, downsample_ratio=downsample_ratio, foreground=foreground)
+        ``foreground`` False: mattes only (``Matte.foreground`` None), faster when the network runs downsampled.
+        ``output_dtype`` "float16": mattes come back as half floats (the service's float16 replies), converted on
+        the GPU before the copy to the host, which then moves half the bytes."""
+        return ClipSession(self, downsample_ratio=downsample_ratio, foreground=foreground, output_dtype=output_dtype)
 
     def autocast(self, cache_enabled: bool = True) -> contextlib.AbstractContextManager:
         """Mixed precision context for the engine's precision (a no-op for fp32)."""
@@ -209,15 +212,18 @@ def _to_unit_float(a: np.ndarray, what: str, *, clip: bool) -> np.ndarray:
     return np.clip(out, 0.0, 1.0)
 
 
-def advance_outputs(model: OAVM, feats, queries, state: ObjectState, foreground: bool
-                    ) -> tuple[torch.Tensor | list[torch.Tensor], ObjectState]:
-    """``model.advance``, its outputs as float32 planes alpha, fgmask[, foreground RGB] (each (N, 1 or 3, H, W)).
+OUTPUT_DTYPES = {"float32": torch.float32, "float16": torch.float16}
+
+
+def advance_outputs(model: OAVM, feats, queries, state: ObjectState, foreground: bool,
+                    dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor | list[torch.Tensor], ObjectState]:
+    """``model.advance``, its outputs as ``dtype`` planes alpha, fgmask[, foreground RGB] (each (N, 1 or 3, H, W)).
 
     On a GPU they are packed into one contiguous (N, 2 or 5, H, W) tensor for a single copy to the host (each
     object's planes are then contiguous numpy views); on the CPU packing would be a full-size copy for nothing
     (at 4K 66 MB, about 5 % of a step), so the planes are returned as they are."""
     out, nxt = model.advance(feats, queries, state, foreground)
-    planes = [p.float() for p in [out["alpha"], out["fgmask"]] + ([out["fgr"]] if foreground else [])]
+    planes = [p.to(dtype) for p in [out["alpha"], out["fgmask"]] + ([out["fgr"]] if foreground else [])]
     if planes[0].device.type == "cpu":
         return planes, nxt
     return torch.cat(planes, dim=1).contiguous(), nxt
@@ -234,10 +240,14 @@ def _check_obj_id(obj_id: Any) -> str:
 class ClipSession:
     """One clip being matted: per-object memory, O(1) in clip length. Not thread-safe (one step at a time)."""
 
-    def __init__(self, engine: Engine, *, downsample_ratio: float | None = None, foreground: bool = True) -> None:
+    def __init__(self, engine: Engine, *, downsample_ratio: float | None = None, foreground: bool = True,
+                 output_dtype: str = "float32") -> None:
         if downsample_ratio is not None and not (isinstance(downsample_ratio, (int, float))
                                                  and 0.0 < downsample_ratio <= 1.0):
             raise OAVMInputError(f"downsample_ratio must be in (0, 1] or None for automatic, got {downsample_ratio!r}")
+        if output_dtype not in OUTPUT_DTYPES:
+            raise OAVMInputError(f"output_dtype is {output_dtype!r}; use one of {', '.join(OUTPUT_DTYPES)}")
+        self.output_dtype = output_dtype
         self.engine = engine
         self.downsample_ratio = None if downsample_ratio is None else float(downsample_ratio)
         self.foreground = bool(foreground)   # compute the foreground colour too (may be changed between steps)
@@ -357,7 +367,7 @@ class ClipSession:
                         objects[obj_id] = s
                 ids = list(objects)
                 outputs, nxt = advance_outputs(model, feats, queries, ObjectState.cat([objects[i] for i in ids]),
-                                               self.foreground)
+                                               self.foreground, OUTPUT_DTYPES[self.output_dtype])
             else:   # steady state on the GPU: the whole step replayed as one CUDA graph
                 ids = list(self._objects)
                 outputs, nxt, finite = self._graphed(raw, ratio, ids)(
@@ -375,15 +385,15 @@ class ClipSession:
 
     def _graphed(self, raw: torch.Tensor, ratio: float, ids: list[str]) -> "GraphedStep":
         """This clip's recorded step, recorded again when what it was recorded for changed."""
-        key = (tuple(raw.shape), raw.dtype, ratio, tuple(ids), self.foreground)
+        key = (tuple(raw.shape), raw.dtype, ratio, tuple(ids), self.foreground, self.output_dtype)
         if self._graph is None or self._graph_key != key:
             self._graph = None   # free the old graph's memory pool before recording the new one
-            model, foreground = self.engine.model, self.foreground
+            model, foreground, dtype = self.engine.model, self.foreground, OUTPUT_DTYPES[self.output_dtype]
 
             def step(frame: torch.Tensor, state: ObjectState):
                 x, finite = unit_frame(frame)
                 feats = model.encode_frame(x, ratio)
-                packed, nxt = advance_outputs(model, feats, model.generate_queries(feats), state, foreground)
+                packed, nxt = advance_outputs(model, feats, model.generate_queries(feats), state, foreground, dtype)
                 return packed, nxt, finite
 
             state = ObjectState.cat([self._objects[i] for i in ids])

@@ -33,9 +33,9 @@ import numpy as np
 import zmq
 
 from oavm_service.errors import CheckpointError, OAVMInputError
-from shared.protocol import (DEFAULT_ENDPOINT, MAX_HEADER_BYTES, PROTOCOL_VERSION, ErrorCode, Limits, Message,
-                             OAVMServiceError, Op, ProtocolError, decode_message, encode_message, error_header,
-                             layer_buffers, reply_header, to_rgb)
+from shared.protocol import (DEFAULT_ENDPOINT, MAX_HEADER_BYTES, MAX_IN_FLIGHT, PROTOCOL_VERSION, REPLY_DTYPES,
+                             ErrorCode, Limits, Message, OAVMServiceError, Op, ProtocolError, decode_message,
+                             encode_message, error_header, layer_buffers, reply_header, to_rgb)
 
 if TYPE_CHECKING:  # the engine pulls in torch; `oavm serve --help` and `oavm keygen` should not wait for it
     from oavm_service.engine import ClipSession, Engine, Matte
@@ -115,8 +115,10 @@ class Clip:
     direction: int                 # +1 forward, -1 backward from the keyframe
     next_frame: int                # the only frame index the next frame request may carry
     want_foreground: bool
-    last_request: tuple | None = None   # (id, op, frame) of the last success, and its reply: a client's resend
-    last_reply: list | None = None      # of it is answered again instead of advancing the clip twice
+    reply_dtype: str = "float32"        # of the matte buffers (protocol.REPLY_DTYPES)
+    # the last MAX_IN_FLIGHT successes, (id, op, frame) -> reply: a client's resend of one of them is answered
+    # again instead of advancing the clip twice (a streaming client may resend two)
+    replies: OrderedDict = field(default_factory=OrderedDict)
 
     def summary(self) -> dict[str, Any]:
         return {"clip_id": self.clip_id, "objects": list(self.session.object_ids), "next_frame": self.next_frame,
@@ -190,6 +192,7 @@ class ClipStore:
 
         state = {"format": STATE_FORMAT, "clip_id": clip.clip_id, "direction": clip.direction,
                  "next_frame": clip.next_frame, "want_foreground": clip.want_foreground,
+                 "reply_dtype": clip.reply_dtype,
                  "checkpoint_sha256": str(self.engine.checkpoint_info.get("sha256", "")),
                  "session": clip.session.state_dict()}
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -215,10 +218,11 @@ class ClipStore:
                                    f"{path} was saved by a service running another checkpoint (sha256 "
                                    f"{state['checkpoint_sha256'][:12]}, this one {ours[:12]}); continue it with that "
                                    f"checkpoint or open the clip again with open_clip")
-        session = self.engine.new_session(foreground=bool(state["want_foreground"]))
+        reply_dtype = str(state.get("reply_dtype", "float32"))     # states saved before float16 replies
+        session = self.engine.new_session(foreground=bool(state["want_foreground"]), output_dtype=reply_dtype)
         session.load_state_dict(state["session"])     # also restores the clip's downsample_ratio
         return Clip(clip_id, session, int(state["direction"]), int(state["next_frame"]),
-                    bool(state["want_foreground"]))
+                    bool(state["want_foreground"]), reply_dtype)
 
 
 # ------------------------------------------------------------------------------------------------ requests
@@ -245,8 +249,8 @@ class Service:
         except ProtocolError as exc:
             return encode_message(error_header(exc.header, exc.code, exc.message)), None, exc.code
         clip = self.store.peek(msg.clip) if msg.clip else None
-        if clip is not None and clip.last_request == _request_key(msg) and clip.last_reply is not None:
-            return clip.last_reply, msg, "ok (resent)"          # the client retried a request we answered
+        if clip is not None and _request_key(msg) in clip.replies:
+            return clip.replies[_request_key(msg)], msg, "ok (resent)"   # the client retried a request we answered
         try:
             header, buffers = self.handlers[msg.op](msg)
             reply = encode_message(header, buffers)
@@ -260,7 +264,9 @@ class Service:
                 ErrorCode.INTERNAL
         held = self.store.peek(msg.clip) if msg.clip else None
         if held is not None:
-            held.last_request, held.last_reply = _request_key(msg), reply
+            held.replies[_request_key(msg)] = reply
+            while len(held.replies) > MAX_IN_FLIGHT:
+                held.replies.popitem(last=False)
             self._trim_reply_cache()
         return reply, msg, "ok"
 
@@ -269,12 +275,11 @@ class Service:
         recently used clips first."""
         total = 0
         for clip in reversed(self.store.clips.values()):      # most recently used first
-            if clip.last_reply is None:
-                continue
-            if total and total + _nbytes(clip.last_reply) > REPLY_CACHE_BYTES:
-                clip.last_request = clip.last_reply = None
+            size = sum(_nbytes(reply) for reply in clip.replies.values())
+            if total and total + size > REPLY_CACHE_BYTES:
+                clip.replies.clear()
             else:
-                total += _nbytes(clip.last_reply)
+                total += size
 
     # -------------------------------------------------------------------------------------------- ops
     def _status(self, msg: Message) -> tuple[dict, list]:
@@ -311,9 +316,12 @@ class Service:
                                f"again at frame {frame_index}, or close_clip it first")
         frame, masks = self._frame(msg), self._masks(msg)
         want_foreground = _arg(msg, "want_foreground", bool, False)
-        session = self.engine.new_session(downsample_ratio=ratio, foreground=want_foreground)
+        reply_dtype = _arg(msg, "reply_dtype", str, "float32")
+        if reply_dtype not in REPLY_DTYPES:
+            raise _bad_request(f"reply_dtype is {reply_dtype!r}; use one of {', '.join(REPLY_DTYPES)}")
+        session = self.engine.new_session(downsample_ratio=ratio, foreground=want_foreground, output_dtype=reply_dtype)
         mattes = session.step(frame, masks)
-        clip = Clip(clip_id, session, direction, frame_index + direction, want_foreground)
+        clip = Clip(clip_id, session, direction, frame_index + direction, want_foreground, reply_dtype)
         self.store.remove(clip_id)       # a restart also forgets the old saved state
         self.store.put(clip)
         return self._matte_reply(msg, clip, mattes)
@@ -387,7 +395,7 @@ class Service:
         for obj_id, m in mattes.items():
             layers[obj_id] = {"alpha": m.alpha, "fgmask": m.fgmask}
             if clip.want_foreground:   # premultiplied, as compositors merge it
-                layers[obj_id]["fg"] = np.multiply(m.foreground, m.alpha[..., None], dtype=np.float32)
+                layers[obj_id]["fg"] = np.multiply(m.foreground, m.alpha[..., None], dtype=m.alpha.dtype)
         result = {"next_frame": clip.next_frame, "objects": list(clip.session.object_ids)}
         return reply_header(msg.header, result=result), layer_buffers(layers)
 

@@ -17,14 +17,15 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from collections import deque
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import zmq
 
-from .protocol import (DEFAULT_ENDPOINT, DTYPES, Buffer, ErrorCode, Limits, Message, OAVMServiceError,
-                       OAVMServiceUnavailable, Op, ProtocolError, decode_message, default_channels, encode_message,
-                       layers_from_buffers, raise_for_error, request_header, rgb_order, to_mask)
+from .protocol import (DEFAULT_ENDPOINT, DTYPES, MAX_IN_FLIGHT, REPLY_DTYPES, Buffer, ErrorCode, Limits, Message,
+                       OAVMServiceError, OAVMServiceUnavailable, Op, ProtocolError, decode_message, default_channels,
+                       encode_message, layers_from_buffers, raise_for_error, request_header, rgb_order, to_mask)
 
 __all__ = ["DEFAULT_ENDPOINT", "MatteResult", "OAVMClient", "load_curve_keys"]
 
@@ -39,7 +40,8 @@ class MatteResult:
     """One frame's mattes; the arrays are views of the received message (no copy was made)."""
     clip_id: str
     frame_index: int
-    layers: dict[str, dict[str, np.ndarray]]   # obj_id -> {"alpha": (H,W) f32, "fgmask": (H,W) f32[, "fg": (H,W,3)]}
+    layers: dict[str, dict[str, np.ndarray]]   # obj_id -> {"alpha": (H,W), "fgmask": (H,W)[, "fg": (H,W,3)]}, float32
+                                               # or the clip's reply_dtype
     info: dict[str, Any] = field(default_factory=dict)   # the service's notes: next_frame, ms, objects
 
 
@@ -98,11 +100,17 @@ class OAVMClient:
 
     def open_clip(self, clip_id: str, frame_index: int, frame: np.ndarray, masks: Mapping[str, np.ndarray], *,
                   direction: int = +1, restart: bool = False, downsample_ratio: float | None = None,
-                  want_foreground: bool = False, channels: str | None = None) -> MatteResult:
+                  want_foreground: bool = False, channels: str | None = None, reply_dtype: str = "float32"
+                  ) -> MatteResult:
         """Start clip ``clip_id`` at its keyframe with one mask per object; the next frame is index + direction.
 
         ``restart=True`` replaces a clip of that id that is already open (e.g. the artist jumped in the timeline).
+        ``reply_dtype="float16"`` has the clip's mattes sent as half floats: half the bytes back (a half-float EXR
+        matte's precision), for clients whose frames are large and many (farm, bench).
         """
+        if reply_dtype not in REPLY_DTYPES:
+            raise OAVMServiceError(ErrorCode.BAD_REQUEST, f"reply_dtype is {reply_dtype!r}; use one of "
+                                                          f"{', '.join(REPLY_DTYPES)}")
         if direction not in (1, -1):
             raise OAVMServiceError(ErrorCode.BAD_REQUEST, f"direction is {direction!r}; use +1 (forward) or -1 "
                                                           f"(backward from the keyframe)")
@@ -116,12 +124,72 @@ class OAVMClient:
         buffers = [frame_buf, *(_mask_buffer(obj, m, frame_buf.array.shape[:2]) for obj, m in masks.items())]
         return self._matte_request(Op.OPEN_CLIP, clip_id, frame_index, buffers, direction=int(direction),
                                    restart=bool(restart), want_foreground=bool(want_foreground),
+                                   reply_dtype=reply_dtype,
                                    downsample_ratio=None if downsample_ratio is None else float(downsample_ratio))
 
     def matte(self, clip_id: str, frame_index: int, frame: np.ndarray, *, channels: str | None = None
               ) -> MatteResult:
         """Matte the clip's next frame (its index must be the last one + direction)."""
         return self._matte_request(Op.MATTE, clip_id, frame_index, [_frame_buffer(frame, channels)])
+
+    def matte_stream(self, clip_id: str, first_index: int, frames: Iterable[np.ndarray], *, direction: int = +1,
+                     in_flight: int = MAX_IN_FLIGHT, channels: str | None = None) -> Iterator[MatteResult]:
+        """Matte consecutive frames of an open clip (``first_index``, then + ``direction``), yielding each result.
+
+        Up to ``in_flight`` requests wait at the service, so the next frame travels (and the last reply comes back)
+        while this one is in the network: on a GPU, where a 1080p float32 frame's transfer takes longer than its
+        step, this hides most of the hop. Frames are read from ``frames`` only as they are sent. A silent service
+        is handled as in every other call (the unanswered requests are sent again on a fresh socket; the service
+        answers what it had done from its reply cache); an error reply raises at its frame, and later frames are
+        not matted. Frames already sent are matted even if the caller stops early, so the clip then stands after
+        the last frame sent (``status()`` lists each clip's ``next_frame``).
+        """
+        if not 1 <= in_flight <= MAX_IN_FLIGHT:
+            raise OAVMServiceError(ErrorCode.BAD_REQUEST, f"in_flight is {in_flight!r}; use 1 to {MAX_IN_FLIGHT}")
+        if direction not in (1, -1):
+            raise OAVMServiceError(ErrorCode.BAD_REQUEST, f"direction is {direction!r}; use +1 or -1")
+        clip_id, index = _clip_id(clip_id), _frame_index(first_index)
+        source = iter(frames)
+        pending: deque[tuple[str, list, int]] = deque()      # (request id, parts, megabytes) in sending order
+
+        def send_next() -> None:
+            nonlocal index
+            frame = next(source, None)
+            if frame is None:
+                return
+            buf = _frame_buffer(frame, channels)
+            self._check_size(buf.array.nbytes)
+            request_id = self._next_id()
+            parts = encode_message(request_header(Op.MATTE, request_id, clip=clip_id, frame=index), [buf])
+            pending.append((request_id, parts, buf.array.nbytes / 2**20))
+            index += direction
+            if not self._send(parts):
+                self._resend(pending)
+
+        self._maybe_autostart()
+        if self._service_limits is None:     # asked now: a status call later would read the stream's replies
+            self._service_limits = dict(self.status().get("limits", {}))
+        for _ in range(in_flight):
+            send_next()
+        while pending:
+            reply = self._await_reply(self._socket(), pending[0][0], self.timeout_s)
+            attempts = 1
+            while reply is None:
+                if attempts > self.retries:
+                    raise OAVMServiceUnavailable(
+                        f"no OAVM service answers at {self.endpoint} (op matte of a stream, {_tries(attempts)} of "
+                        f"{self.timeout_s:g} s, {pending[0][2]:.0f} MiB sent); start it with `oavm serve --endpoint "
+                        f"{self.endpoint}`, or check the endpoint and keys in the plug-in settings")
+                self._reset_socket()         # a late reply to the old socket must not be read as a newer one's
+                self._resend(pending)
+                attempts += 1
+                reply = self._await_reply(self._socket(), pending[0][0], self.timeout_s)
+            self._answered = True
+            pending.popleft()
+            send_next()                      # before the caller sees this result: keep the service busy
+            reply = raise_for_error(reply)
+            yield MatteResult(reply.clip, reply.frame, layers_from_buffers(reply.buffers),
+                              dict(reply.header.get("result") or {}))
 
     def matte_file(self, clip_id: str, frame_index: int, path: str | os.PathLike, *, colorspace: str = "auto"
                    ) -> MatteResult:
@@ -204,6 +272,22 @@ class OAVMClient:
     def _next_id(self) -> str:
         self._counter += 1
         return f"{self._token}-{self._counter}"
+
+    def _send(self, parts: list) -> bool:
+        """Queue one request on the socket; False when no service is connected (``immediate``) within
+        ``connect_timeout_s`` (the socket is then reset)."""
+        try:
+            self._socket().send_multipart(parts, copy=False)
+            return True
+        except zmq.Again:
+            self._reset_socket()
+            return False
+
+    def _resend(self, pending: Sequence[tuple[str, list, float]]) -> None:
+        """Send the unanswered requests of a stream again, in order, on the current (fresh) socket."""
+        for _, parts, _ in pending:
+            if not self._send(parts):
+                return                       # nobody there: the wait for the first reply times out and retries
 
     def _exchange(self, parts: list, request_id: str, *, attempts: int, timeout_s: float) -> Message | None:
         """Lazy Pirate: send, wait, and on silence reopen the socket and send again; None if nobody answered."""

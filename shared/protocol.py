@@ -27,6 +27,12 @@ import zmq
 
 PROTOCOL_VERSION = 1
 DEFAULT_ENDPOINT = "tcp://127.0.0.1:5590"
+# open_clip's reply_dtype: the dtype of a clip's matte buffers (float16 halves what travels back; 11 bits of
+# precision, as a half-float EXR matte has)
+REPLY_DTYPES = ("float32", "float16")
+# requests a client may keep at the service for one clip (the next frame travels while this one is computed);
+# the service keeps that many replies per clip to answer resends
+MAX_IN_FLIGHT = 2
 
 
 class Op:

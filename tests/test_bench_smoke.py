@@ -32,7 +32,7 @@ def quick_run(tmp_path_factory) -> tuple[subprocess.CompletedProcess, Path]:
     cmd = [sys.executable, "-m", "bench", "--quick", "--frames", "3", "--warmup", "1", "--budget-s", "5",
            "--resolutions", "64x48,96x64@0.5", "--lengths", "3,6", "--mem-resolution", "64x48",
            "--profile-steps", "2", "--checkpoint", "random-tiny", "--devices", "cpu,cuda-fp16", "--threads", "1",
-           "--out", str(out)]
+           "--service-variants-at", "64x48", "--out", str(out)]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, f"bench failed:\n{proc.stdout}\n{proc.stderr}"
     return proc, out
@@ -68,9 +68,14 @@ def test_quick_run_records_one_table_as_json_and_png(quick_run):
     assert all(r.peak_mib > 50 and "session holds" in r.value for r in memory)
 
     service = [r for r in rows if r.bench == "service" and r.device == "cpu fp32"]
-    assert [r.input for r in service] == ["64x48", "96x64 ds0.5"]
-    assert all(r.frames == 3 and r.value.startswith("x") and "in-process p50" in r.note for r in service)
-    assert all("transport + client" in r.note for r in service), "the service log's own timings were found"
+    assert [r.input for r in service] == ["64x48", "96x64 ds0.5", "64x48 f16", "64x48 f16 x2 tcp",
+                                          "64x48 f16 x2 ipc"]
+    assert all(r.value.startswith("x") and "in-process p50" in r.note for r in service)
+    lockstep, streamed = service[:3], service[3:]
+    assert all(r.frames == 3 for r in lockstep)
+    assert all("transport + client" in r.note for r in lockstep), "the service log's own timings were found"
+    assert "float16 frames and replies" in service[2].note
+    assert all(r.frames >= 3 * 8 and "2 frames in flight" in r.note for r in streamed)
 
     rvm = [r for r in rows if r.bench == "rvm" and r.device == "cpu fp32"]
     assert sorted(r.checkpoint for r in rvm) == ["RVM mnv3 fp32 ONNX"] * 2 + ["RVM mnv3 torch"] * 2

@@ -170,3 +170,31 @@ def test_packed_outputs_as_a_gpu_returns_them_give_the_same_mattes(tiny_model, m
             for name in ("alpha", "fgmask", "foreground"):
                 assert np.array_equal(getattr(have[obj], name), getattr(want[obj], name)), (t, obj, name)
             assert have[obj].foreground.shape == (40, 56, 3) and have[obj].alpha.flags.c_contiguous
+
+
+def _half_outputs_match(tiny_model, make_clip, device: str, cuda_graphs: bool) -> None:
+    """``output_dtype="float16"`` (the service's float16 replies) gives the float32 mattes rounded to half floats."""
+    images, _ = make_clip(4, 48, 64, seed=5)
+    prompts = {"a": _box(48, 64, 8, 30, 10, 40)}
+    engines = [Engine(tiny_model, device=device, precision="fp32", cuda_graphs=cuda_graphs) for _ in range(2)]
+    full, half = (e.new_session(downsample_ratio=0.5, output_dtype=d) for e, d in zip(engines, ("float32", "float16")))
+    for t, frame in enumerate(images):
+        want, have = (s.step(frame, prompts if t == 0 else None) for s in (full, half))
+        for name in ("alpha", "fgmask", "foreground"):
+            got, ref = getattr(have["a"], name), getattr(want["a"], name)
+            assert got.dtype == np.float16 and got.shape == ref.shape, (t, name)
+            if device == "cpu":
+                np.testing.assert_array_equal(got, ref.astype(np.float16), err_msg=f"frame {t} {name}")
+            else:   # two recordings of the step: the same kernels, but only half-float rounding is promised
+                np.testing.assert_allclose(got, ref, atol=1e-3, err_msg=f"frame {t} {name}")
+    with pytest.raises(OAVMInputError, match="output_dtype"):
+        engines[0].new_session(output_dtype="bfloat16")
+
+
+def test_half_float_outputs_are_the_float32_mattes_rounded(tiny_model, make_clip):
+    _half_outputs_match(tiny_model, make_clip, "cpu", False)
+
+
+@cuda
+def test_half_float_outputs_are_the_float32_mattes_rounded_on_the_gpu_with_graphs(tiny_model, make_clip):
+    _half_outputs_match(tiny_model, make_clip, "cuda", True)

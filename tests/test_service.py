@@ -390,3 +390,103 @@ def test_a_service_beyond_loopback_reads_no_files_and_writes_states_only_in_its_
     inside = ask("save_clip", path=str(tmp_path / "state" / "kept.oavmclip"))
     assert inside.header["ok"] and (tmp_path / "state" / "kept.oavmclip").is_file()
     assert ask("status").header["result"]["matte_file"] is False
+
+
+def test_a_stream_keeps_the_next_frame_in_flight_and_matches_the_engine(client: OAVMClient, engine) -> None:
+    clip, ref = synthetic_clip(11, 7), ReferenceClip(engine)
+    client.open_clip("stream", 0, clip.frames[0], clip.masks[0])
+    ref.step(clip.frames[0], clip.masks[0])
+    pulled: list[int] = []
+
+    def frames():
+        for t in range(1, 7):
+            pulled.append(t)
+            yield clip.frames[t]
+
+    for t, result in enumerate(client.matte_stream("stream", 1, frames()), start=1):
+        # when frame t comes back, frame t + 1 is already at the service (two in flight), and t + 2 on its way
+        assert pulled[-1] == min(t + 2, 6)
+        assert result.frame_index == t and result.info["next_frame"] == t + 1
+        assert_same(result, ref.step(clip.frames[t]))
+    with pytest.raises(OAVMServiceError, match="in_flight"):
+        next(client.matte_stream("stream", 7, [clip.frames[0]], in_flight=3))
+    client.close_clip("stream")
+
+
+def test_an_error_in_a_stream_raises_at_its_frame_and_the_clip_goes_on(client: OAVMClient, engine) -> None:
+    clip, ref = synthetic_clip(12, 5), ReferenceClip(engine)
+    client.open_clip("stream-bad", 0, clip.frames[0], clip.masks[0])
+    ref.step(clip.frames[0], clip.masks[0])
+    bad = clip.frames[2].copy()
+    bad[3, 4] = np.nan
+    got = []
+    with pytest.raises(OAVMServiceError) as info:
+        for result in client.matte_stream("stream-bad", 1, [clip.frames[1], bad, clip.frames[3]]):
+            got.append(result.frame_index)
+    assert got == [1] and info.value.code == ErrorCode.BAD_INPUT and "NaN" in info.value.message
+    ref.step(clip.frames[1])               # frame 1 was matted; the bad frame 2 and the frame sent after it were not
+    assert_same(client.matte("stream-bad", 2, clip.frames[2]), ref.step(clip.frames[2]))
+    client.close_clip("stream-bad")
+
+
+def test_the_last_two_replies_are_answered_again_for_a_streams_resend(service: str, engine) -> None:
+    """A streaming client that lost its socket resends both unanswered requests: both come from the cache."""
+    clip, ref = synthetic_clip(13, 4), ReferenceClip(engine)
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.linger = 0
+    try:
+        sock.connect(service)
+        masks = [Buffer("mask", clip.masks[0]["hero"], object="hero")]
+        sock.send_multipart(encode_message(request_header("open_clip", "s-0", clip="two", frame=0),
+                                           [Buffer("frame", clip.frames[0]), *masks]))
+        requests = [encode_message(request_header("matte", f"s-{t}", clip="two", frame=t),
+                                   [Buffer("frame", clip.frames[t])]) for t in (1, 2)]
+        for parts in requests:                   # two in flight
+            sock.send_multipart(parts)
+        for parts in requests:                   # ... and both sent again before any reply was read
+            sock.send_multipart(parts)
+        replies = []
+        for _ in range(5):
+            assert sock.poll(60_000), "the service did not answer"
+            replies.append(decode_message(sock.recv_multipart(copy=False), request=False))
+    finally:
+        sock.close(0)
+        ctx.term()
+    assert [r.request_id for r in replies] == ["s-0", "s-1", "s-2", "s-1", "s-2"]
+    assert all(r.header["ok"] for r in replies)
+    ref.step(clip.frames[0], clip.masks[0])
+    for t, first, again in ((1, replies[1], replies[3]), (2, replies[2], replies[4])):
+        expected = ref.step(clip.frames[t])["hero"]["alpha"]
+        np.testing.assert_array_equal(first.buffers[0].array, expected)
+        np.testing.assert_array_equal(again.buffers[0].array, expected)
+    assert replies[4].header["result"]["next_frame"] == 3          # the resends did not advance the clip
+
+
+def test_float16_replies_are_the_engines_mattes_in_half_floats(client: OAVMClient, engine, tmp_path: Path,
+                                                               service: str) -> None:
+    clip, ref = synthetic_clip(14, 4), ReferenceClip(engine, want_foreground=True)
+    first = client.open_clip("half", 0, clip.frames[0], clip.masks[0], reply_dtype="float16", want_foreground=True)
+    expected = ref.step(clip.frames[0], clip.masks[0])
+
+    def check(result: MatteResult, expected: dict) -> None:
+        for name, array in expected["hero"].items():
+            got = result.layers["hero"][name]
+            assert got.dtype == np.float16 and got.shape == array.shape, name
+            np.testing.assert_allclose(got, array, atol=1e-3, err_msg=name)   # half-float rounding only
+
+    check(first, expected)
+    check(client.matte("half", 1, clip.frames[1]), ref.step(clip.frames[1]))
+    path = client.save_clip("half", tmp_path / "half.oavmclip")
+    client.load_clip("half-2", path)                       # a restored clip keeps its reply dtype
+    check(client.matte("half-2", 2, clip.frames[2]), ref.step(clip.frames[2]))
+    for c in ("half", "half-2"):
+        client.close_clip(c)
+
+    with pytest.raises(OAVMServiceError, match="reply_dtype"):
+        client.open_clip("half-bad", 0, clip.frames[0], clip.masks[0], reply_dtype="uint8")
+    reply = raw_request(service, encode_message(
+        request_header("open_clip", "bad-dtype", clip="half-bad", frame=0, reply_dtype="int8"),
+        [Buffer("frame", clip.frames[0]), Buffer("mask", clip.masks[0]["hero"], object="hero")]))
+    assert not reply.header["ok"] and reply.header["error"]["code"] == ErrorCode.BAD_REQUEST
+    assert "float16" in reply.header["error"]["message"]
