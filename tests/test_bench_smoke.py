@@ -76,6 +76,7 @@ def test_quick_run_records_one_table_as_json_and_png(quick_run):
     assert all("transport + client" in r.note for r in lockstep), "the service log's own timings were found"
     assert "float16 frames and replies" in service[2].note
     assert all(r.frames >= 3 * 8 and "2 frames in flight" in r.note for r in streamed)
+    assert all("the service's own time" in r.note for r in streamed)
 
     rvm = [r for r in rows if r.bench == "rvm" and r.device == "cpu fp32"]
     assert sorted(r.checkpoint for r in rvm) == ["RVM mnv3 fp32 ONNX"] * 2 + ["RVM mnv3 torch"] * 2
