@@ -15,9 +15,9 @@ import os
 import subprocess
 import tempfile
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from collections import deque
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
@@ -62,7 +62,8 @@ def load_curve_keys(curve_dir: str | os.PathLike, client_name: str = "client") -
 
 
 class OAVMClient:
-    """Talks to one OAVM service; every method sends one request and waits for its reply.
+    """Talks to one OAVM service; every method sends one request and waits for its reply (``matte_stream``
+    keeps two frames in flight).
 
     ``autostart`` is a command (argv) that starts a local service when none answers (plug-ins pass
     ``[python, "-m", "oavm_service", "serve", ...]``); it is started detached, so it outlives the host's
@@ -150,7 +151,7 @@ class OAVMClient:
             raise OAVMServiceError(ErrorCode.BAD_REQUEST, f"direction is {direction!r}; use +1 or -1")
         clip_id, index = _clip_id(clip_id), _frame_index(first_index)
         source = iter(frames)
-        pending: deque[tuple[str, list, int]] = deque()      # (request id, parts, megabytes) in sending order
+        pending: deque[tuple[str, list, float]] = deque()    # (request id, parts, megabytes) in sending order
 
         def send_next() -> None:
             nonlocal index
@@ -292,13 +293,9 @@ class OAVMClient:
     def _exchange(self, parts: list, request_id: str, *, attempts: int, timeout_s: float) -> Message | None:
         """Lazy Pirate: send, wait, and on silence reopen the socket and send again; None if nobody answered."""
         for _ in range(attempts):
-            sock = self._socket()
-            try:
-                sock.send_multipart(parts, copy=False)
-            except zmq.Again:          # IMMEDIATE: no connected service within connect_timeout_s
-                self._reset_socket()
+            if not self._send(parts):  # IMMEDIATE: no connected service within connect_timeout_s
                 continue
-            reply = self._await_reply(sock, request_id, timeout_s)
+            reply = self._await_reply(self._socket(), request_id, timeout_s)
             if reply is not None:
                 self._answered = True
                 return reply

@@ -371,6 +371,11 @@ def write_image(path: str | os.PathLike, pixels: np.ndarray, channels: list[str]
     for key, value in (metadata or {}).items():
         spec.attribute(key, value)
 
+    return _write_atomically(path, spec, pixels)
+
+
+def _write_atomically(path: Path, spec: "oiio.ImageSpec", pixels: np.ndarray) -> Path:
+    """Write to a temporary name in the same folder, then rename it over ``path``."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temporary_path(path)
     out = oiio.ImageOutput.create(str(path))     # the plug-in is chosen by the real extension...
@@ -404,23 +409,7 @@ def write_8bit(path: str | os.PathLike, pixels: np.ndarray, channels: list[str] 
     spec.channelnames = tuple(channels)
     if path.suffix.lower() != ".png":
         spec.attribute("Compression", f"jpeg:{int(jpeg_quality)}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temporary_path(path)
-    out = oiio.ImageOutput.create(str(path))
-    if out is None:
-        raise OAVMInputError(f"cannot write {path}: {oiio.geterror()}")
-    try:
-        if not out.open(str(tmp), spec):
-            raise OAVMInputError(f"cannot write {path}: {out.geterror()}; check the folder exists and is writable.")
-        ok = out.write_image(pixels)
-        ok = out.close() and ok
-        if not ok:
-            raise OAVMInputError(f"writing {path} failed: {out.geterror()}; check free disk space.")
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
+    return _write_atomically(path, spec, pixels)
 
 
 def verify_image(path: str | os.PathLike, *, channels: tuple[str, ...] | list[str],

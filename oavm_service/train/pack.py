@@ -95,16 +95,15 @@ class DataPack:
     def _read_sequence(self, entry: dict[str, Any]) -> D.CachedSequence:
         base = self.folder / entry["path"]
         n, ids = entry["frames"], entry["object_ids"]
-        frames = np.stack([np.rint(D.read_rgb(base / "frames" / f"{t:05d}.jpg") * 255) for t in range(n)])
+        frames = np.stack([D.read_rgb(base / "frames" / f"{t:05d}.jpg") for t in range(n)])
         labels = np.stack([images.read_image(base / "labels" / f"{t:05d}.png").pixels[..., 0] for t in range(n)])
         alpha = np.stack([np.stack([images.read_image(base / "alpha" / f"{t:05d}_{k}.png").pixels[..., 0]
                                     for k in range(len(ids))]) for t in range(n)])
-        return D.finish_cached(D.CachedSequence(entry["name"], frames.astype(np.uint8), _uint8(labels),
-                                                _uint8(alpha), ids))
+        return D.finish_cached(D.CachedSequence(entry["name"], _uint8(frames), _uint8(labels), _uint8(alpha), ids))
 
 
 def _uint8(values: np.ndarray) -> np.ndarray:
-    """PNG pixels come back as 0..1 floats; the cache keeps uint8 codes (labels are ids, alpha 0..255)."""
+    """8-bit pixels come back as 0..1 floats; the cache keeps their uint8 codes (labels are ids, alpha 0..255)."""
     return np.rint(values * 255).astype(np.uint8)
 
 
