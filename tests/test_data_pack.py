@@ -147,3 +147,51 @@ def test_a_recipe_extends_another(tmp_path: Path):
     (tmp_path / "loop.toml").write_text('extends = "loop.toml"\n')
     with pytest.raises(OAVMInputError, match="extends itself"):
         loop.load_recipe(tmp_path / "loop.toml")
+
+
+def test_the_commands_pack_and_train_from_the_pack(tmp_path: Path, capsys):
+    """`oavm pack-data` then `oavm train --data-pack` as a user types them, from a recipe file."""
+    root, cache = tmp_path / "data", tmp_path / "cache"
+    _davis_like(root, np.random.default_rng(1))
+    recipe = tmp_path / "tiny.toml"
+    recipe.write_text(f'''
+name = "tiny"
+[train]
+seed = 2
+log_every = 1
+checkpoint_every = 0
+sample_every = 0
+cache_dir = "{cache}"
+[model]
+c = 32
+key_dim = 16
+num_queries = 4
+num_heads = 2
+window = 7
+decoder_channels = [32, 24, 16, 16]
+[loss]
+laplacian_levels = 3
+[datasets.real]
+kind = "real"
+sources = [ {{ name = "davis", root = "{root / 'davis'}", exclude = ["held"] }} ]
+[[stages]]
+name = "s"
+datasets = {{ real = 1 }}
+size = [{H}, {W}]
+clip_length = 2
+batch_size = 1
+steps = 2
+''')
+    teacher = D.TeacherCache(cache, teacher_factory=_FakeTeacher)
+    for seq in D.masked_videos(root / "davis", exclude=["held"]):
+        teacher.load("davis", seq, (H, W))
+    assert pack.main(["--config", str(recipe), "--out", str(tmp_path / "pack")]) == 0
+    assert "--data-pack" in capsys.readouterr().out                    # it says how to train from it
+    shutil.rmtree(root)
+    shutil.rmtree(cache)
+    assert loop.main(["--config", str(recipe), "--data-pack", str(tmp_path / "pack"), "--device", "cpu",
+                      "--out", str(tmp_path / "run")]) == 0
+    assert (tmp_path / "run/final.safetensors").is_file()
+    assert loop.main(["--config", str(recipe), "--data-pack", str(tmp_path / "nothing"), "--device", "cpu",
+                      "--out", str(tmp_path / "run2")]) == 2
+    assert "not a data pack" in capsys.readouterr().err
