@@ -202,7 +202,10 @@ class ServiceStepper:
 
     mode = "service"
 
-    def __init__(self, endpoint: str, clip_id: str | None, downsample_ratio: float | None, timeout_s: float) -> None:
+    def __init__(self, endpoint: str, clip_id: str | None, downsample_ratio: float | None, timeout_s: float,
+                 reply_dtype: str = "float32") -> None:
+        """``reply_dtype`` "float16" where the output stores half floats anyway (EXR layers): half the bytes back,
+        the same files (the service rounds as the EXR writer does; tested)."""
         from shared.client import OAVMClient
 
         self.client = OAVMClient(endpoint, timeout_s=timeout_s, retries=2, connect_timeout_s=min(timeout_s, 3.0))
@@ -211,6 +214,7 @@ class ServiceStepper:
         self.signature = {"device": str(status.get("device")), "precision": str(status.get("precision"))}
         self.base_id = clip_id or f"oavm-batch-{socket.gethostname()}-{os.getpid()}"
         self.downsample_ratio = downsample_ratio
+        self.reply_dtype = reply_dtype
         self.clip_id = self.base_id
         self.direction, self.anchor = 1, 0
 
@@ -225,7 +229,7 @@ class ServiceStepper:
         index, c = self._index(position), self.client
         if position == 0:
             result = c.open_clip(self.clip_id, index, rgb, prompts, direction=self.direction, restart=True,
-                                 downsample_ratio=self.downsample_ratio)
+                                 downsample_ratio=self.downsample_ratio, reply_dtype=self.reply_dtype)
         elif not prompts:
             result = c.matte(self.clip_id, index, rgb)
         elif len(prompts) == 1:
@@ -570,8 +574,9 @@ class BatchJob:
         if self._stepper_factory is not None:
             return self._stepper_factory()
         if self.config.connect:
+            half_output = self.config.output_mode != "rgba" and Path(self.config.output).suffix.lower() == ".exr"
             return ServiceStepper(self.config.connect, self.config.clip_id, self.config.downsample_ratio,
-                                  self.config.timeout_s)
+                                  self.config.timeout_s, "float16" if half_output else "float32")
         from oavm_service.engine import Engine
 
         engine = Engine.from_checkpoint(self.config.checkpoint, device=self.config.device,

@@ -397,6 +397,9 @@ def test_connect_gives_the_same_files_as_in_process(shot, checkpoint, tmp_path):
         assert code == 0 and "forward: resuming after frame 1003" in log, log
     for f in range(1001, 1005):
         assert same_pixels(tmp_path / "local" / f"m.{f}.exr", tmp_path / "remote" / f"m.{f}.exr"), f
+    import torch                   # the service sent half floats (EXR stores half anyway): same files, half the bytes
+    states = sorted((tmp_path / "remote").rglob("*.state"))
+    assert states and all(torch.load(p, weights_only=True)["reply_dtype"] == "float16" for p in states)
 
 
 def test_errors_have_documented_exit_codes(shot, checkpoint, tmp_path, capsys):
