@@ -2,8 +2,9 @@
 """The matting job: stream a clip's frames to the OAVM service and write each frame's mattes as an EXR.
 
 One run is: ``open_clip`` at the prompt frame with one mask per object (``restart=True``: whatever the service
-still holds for this clip id is replaced), then ``matte`` for every following frame in order, as the service
-expects (architecture.md: frame k is followed by k + 1). "Re-prompt at frame k" is the same run started at k,
+still holds for this clip id is replaced), then every following frame in order, as the service expects
+(architecture.md: frame k is followed by k + 1), through ``matte_stream``: the next frame is already at the service
+while this one's mattes are written, so reading and writing plates here overlaps the network's work there. "Re-prompt at frame k" is the same run started at k,
 with the artist's corrected masks for some objects and, for the others, their own matte at k as the prompt
 (:func:`reprompt_prompts`), so the run replaces every frame from k on and keeps the frames before it.
 
@@ -45,6 +46,9 @@ class MatteJob:
         missing = [f for f in self.frames if f not in self.frame_paths]
         if missing:
             raise OAVMBlenderError(f"no plate file for frames {missing[:5]}: set the frame range within the clip")
+        if self.frames != list(range(self.frames[0], self.frames[0] + len(self.frames))):
+            raise OAVMBlenderError(f"the frames must follow each other ({self.frames[0]}, {self.frames[0] + 1}, ...): "
+                                   f"set a frame range without a step")
         if not self.prompts:
             raise MaskError("no object to matte: give the first frame a mask with at least one layer")
 
@@ -113,23 +117,26 @@ def run_job(client: Any, job: MatteJob, *, progress: Callable[[JobProgress], Non
     frame = read_frame(job.frame_paths[first], job.colorspace)
     check_prompt_sizes(job.prompts, frame.shape[:2], f"frame {first}")
     result = client.open_clip(job.clip_id, first, frame, job.prompts, restart=True,
-                              downsample_ratio=job.downsample_ratio)
+                              downsample_ratio=job.downsample_ratio,
+                              reply_dtype="float16" if job.half else "float32")   # what the EXR stores
     object_ids = list(job.prompts) + [obj for obj in job.empty_objects if obj not in job.prompts]
+    shape = frame.shape[:2]
+    rest = (read_frame(job.frame_paths[number], job.colorspace) for number in job.frames[1:])
+    results = client.matte_stream(job.clip_id, first + 1, rest)      # lazy: nothing is sent before next()
     cancelled = False
     try:
         for index, number in enumerate(job.frames):
             if index > 0:
                 if cancel is not None and cancel.is_set():
-                    cancelled = True
+                    cancelled = True       # the frame already at the service is matted there, not written
                     break
-                frame = read_frame(job.frame_paths[number], job.colorspace)
-                result = client.matte(job.clip_id, number, frame)
-            write_matte_exr(files.path(number), _alpha_layers(result.layers, object_ids, frame.shape[:2]),
-                            half=job.half)
+                result = next(results)
+            write_matte_exr(files.path(number), _alpha_layers(result.layers, object_ids, shape), half=job.half)
             written.append(number)
             if progress is not None:
                 progress(JobProgress(len(written), len(job.frames), number, time.monotonic() - started))
     finally:
+        results.close()
         _close_quietly(client, job.clip_id)
     return JobResult(job.clip_id, job.output_dir, written, object_ids, cancelled, time.monotonic() - started)
 

@@ -298,17 +298,18 @@ def scenario_threaded(args: dict) -> dict:
     scene.oavm.range_mode, scene.oavm.frame_start, scene.oavm.frame_end = "CUSTOM", 1, 3
 
     class HeldSecondFrame:
-        """The service client, holding frame 2 back until the main thread has asked to cancel: the cancel then
-        lands mid-job however fast the service mattes (3 small frames take ~0.1 s, less than a poll or two)."""
+        """The service client, holding frame 2's result back until the main thread has asked to cancel: the cancel
+        then lands mid-job however fast the service mattes (3 small frames take ~0.1 s, less than a poll or two)."""
 
         def __init__(self, client, thread_of):
             self._client, self._thread_of = client, thread_of
 
-        def matte(self, *args, **kwargs):
-            deadline = time.monotonic() + 30
-            while not self._thread_of().cancel_requested and time.monotonic() < deadline:
-                time.sleep(0.01)
-            return self._client.matte(*args, **kwargs)
+        def matte_stream(self, *args, **kwargs):
+            for result in self._client.matte_stream(*args, **kwargs):
+                deadline = time.monotonic() + 30
+                while not self._thread_of().cancel_requested and time.monotonic() < deadline:
+                    time.sleep(0.01)
+                yield result
 
         def __getattr__(self, name):
             return getattr(self._client, name)

@@ -310,6 +310,13 @@ def test_mask_of_the_wrong_size_is_refused_before_anything_is_sent(plates, tmp_p
     assert os.listdir(tmp_path) == []
 
 
+def test_frames_with_gaps_are_refused_before_anything_is_sent(plates, tmp_path):
+    """The job streams frames as first, first + 1, ...: a range with a step would label plates wrongly."""
+    with pytest.raises(OAVMBlenderError, match="without a step"):
+        run_job(object(), _job(plates, tmp_path, "core-gap", frames=[1, 3, 5]))
+    assert os.listdir(tmp_path) == []
+
+
 def test_service_down_is_reported_with_what_to_do_and_writes_nothing(plates, tmp_path):
     settings = core_service.ServiceSettings(f"tcp://127.0.0.1:{free_port()}", autostart_command="", timeout_s=2,
                                             retries=0)
