@@ -180,11 +180,9 @@ def main(argv: list[str] | None = None) -> int:
     json_path = args.out / f"{tag}.json"
     json_path.write_text(json.dumps({"meta": meta, "rows": rows_to_json(rows), "table": table.splitlines()},
                                     indent=1) + "\n")
-    from bench.plot import write_plot
+    from bench.plot import plot_title, write_plot
 
-    png_path = write_plot(rows, args.out / f"{tag}.png",
-                          f"OAVM bench - {meta['machine']['gpu'] or meta['machine']['cpu']} - "
-                          f"{extra['checkpoint']['label']} - {meta['started'][:10]}")
+    png_path = write_plot(rows, args.out / f"{tag}.png", plot_title(meta))
     print(f"\nwritten: {json_path.relative_to(REPO) if json_path.is_relative_to(REPO) else json_path}, "
           f"{png_path.name} ({meta['duration_s']:.0f} s)")
     return 0

@@ -102,6 +102,23 @@ def test_quick_run_plot_is_a_small_png(quick_run):
     assert png.stat().st_size < 300_000
 
 
+def test_a_recorded_json_is_drawn_again(quick_run, tmp_path):
+    """`python -m bench.plot RESULT.json` redraws the PNG from the JSON's rows (after a change to the plot)."""
+    import shutil
+
+    import OpenImageIO as oiio
+
+    _, out = quick_run
+    recorded = next(out.glob("*.json"))
+    copy = tmp_path / recorded.name
+    shutil.copy(recorded, copy)
+    proc = subprocess.run([sys.executable, "-m", "bench.plot", str(copy)], cwd=REPO, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    spec = oiio.ImageBuf(str(copy.with_suffix(".png"))).spec()
+    assert (spec.width, spec.height) == (1000, 700)
+
+
 def test_bad_options_say_what_to_write(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "bench", "--resolutions", "1920by1080", "--out", str(tmp_path)],
                           cwd=REPO, capture_output=True, text=True, timeout=60)
