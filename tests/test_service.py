@@ -490,3 +490,69 @@ def test_float16_replies_are_the_engines_mattes_in_half_floats(client: OAVMClien
         [Buffer("frame", clip.frames[0]), Buffer("mask", clip.masks[0]["hero"], object="hero")]))
     assert not reply.header["ok"] and reply.header["error"]["code"] == ErrorCode.BAD_REQUEST
     assert "float16" in reply.header["error"]["message"]
+
+
+class LossyProxy:
+    """A loopback hop between one client and the service that loses chosen replies (the service never knows).
+
+    What a stream must survive: a reply that does not come back. The client times out, opens a new socket and sends
+    its unanswered requests again; the service answers those it had done from its reply cache."""
+
+    def __init__(self, service: str, drop_replies: set[int]):
+        import threading
+
+        self.ctx = zmq.Context()
+        self.front = self.ctx.socket(zmq.ROUTER)
+        self.port = self.front.bind_to_random_port("tcp://127.0.0.1")
+        self.back = self.ctx.socket(zmq.DEALER)
+        self.back.connect(service)
+        self.drop, self.replies, self.requests = set(drop_replies), 0, 0
+        self.running = True
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    @property
+    def endpoint(self) -> str:
+        return f"tcp://127.0.0.1:{self.port}"
+
+    def _run(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self.front, zmq.POLLIN)
+        poller.register(self.back, zmq.POLLIN)
+        client = None
+        while self.running:
+            events = dict(poller.poll(50))
+            if self.front in events:
+                client, *body = self.front.recv_multipart()      # the newest socket of the client answers
+                self.requests += 1
+                self.back.send_multipart(body)
+            if self.back in events:
+                reply = self.back.recv_multipart()
+                self.replies += 1
+                if self.replies not in self.drop and client is not None:
+                    self.front.send_multipart([client, *reply])
+
+    def close(self) -> None:
+        self.running = False
+        self.thread.join(5)
+        self.front.close(0)
+        self.back.close(0)
+        self.ctx.term()
+
+
+def test_a_stream_that_loses_a_reply_sends_both_frames_again_and_gets_the_same_mattes(service: str, engine) -> None:
+    clip, ref = synthetic_clip(15, 5), ReferenceClip(engine)
+    proxy = LossyProxy(service, drop_replies={3})    # 1 open_clip, 2 status (the stream's limits), 3 frame 1
+    try:
+        with OAVMClient(proxy.endpoint, timeout_s=2, retries=2) as client:
+            client.open_clip("lossy", 0, clip.frames[0], clip.masks[0])
+            ref.step(clip.frames[0], clip.masks[0])
+            results = list(client.matte_stream("lossy", 1, clip.frames[1:]))
+            assert [r.frame_index for r in results] == [1, 2, 3, 4]
+            for t, result in enumerate(results, start=1):
+                assert_same(result, ref.step(clip.frames[t]))       # each frame matted once, in order
+            # frames 1 and 2 went twice (the second time from the reply cache), 3 and 4 once
+            assert proxy.requests == 2 + 4 + 2
+            client.close_clip("lossy")
+    finally:
+        proxy.close()
