@@ -28,7 +28,7 @@ import zlib
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Protocol, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -279,6 +279,31 @@ class PanopticImage:
     panoptic: Path
     segment_ids: list[int]
 
+    def id_map(self) -> np.ndarray:
+        """Segment ids ``(H, W)`` int64 at the image's resolution."""
+        return read_panoptic(self.panoptic)
+
+
+@dataclass
+class InstanceImage:
+    """One COCO image with its instance annotations (``instances_<split>.json``): polygons or RLE, drawn when used."""
+
+    image: Path
+    height: int
+    width: int
+    segments: list[tuple[int, Any]]          # (annotation id, segmentation), largest first
+
+    @property
+    def segment_ids(self) -> list[int]:
+        return [ann_id for ann_id, _ in self.segments]
+
+    def id_map(self) -> np.ndarray:
+        """Annotation ids ``(H, W)`` int64; where instances overlap the smaller one is on top."""
+        ids = np.zeros((self.height, self.width), np.int64)
+        for ann_id, segmentation in self.segments:
+            ids[segmentation_mask(segmentation, self.height, self.width)] = ann_id
+        return ids
+
 
 def coco_panoptic(root: str | os.PathLike, split: str = "train2017", *, min_area: int = 1024) -> list[PanopticImage]:
     """COCO panoptic: objects are the non-crowd segments of "thing" categories with at least ``min_area`` px."""
@@ -299,6 +324,96 @@ def coco_panoptic(root: str | os.PathLike, split: str = "train2017", *, min_area
             out.append(PanopticImage(root / split / names[ann["image_id"]],
                                      root / "annotations" / f"panoptic_{split}" / ann["file_name"], ids))
     return out
+
+
+def coco_instances(root: str | os.PathLike, split: str = "train2017", *, min_area: int = 1024
+                   ) -> list[InstanceImage]:
+    """COCO instances (the usual download): objects are the non-crowd annotations of at least ``min_area`` px."""
+    root = Path(root)
+    ann_file = root / "annotations" / f"instances_{split}.json"
+    if not ann_file.is_file():
+        raise OAVMInputError(f"COCO instances: {ann_file} not found. Download annotations_trainval2017 and unzip it "
+                             f"so that annotations/instances_{split}.json exists under the COCO root.")
+    data = json.loads(ann_file.read_text())
+    per_image: dict[int, list[dict]] = {}
+    for ann in data["annotations"]:
+        if not ann.get("iscrowd", 0) and ann.get("area", min_area) >= min_area:
+            per_image.setdefault(ann["image_id"], []).append(ann)
+    out = []
+    for img in data["images"]:
+        anns = sorted(per_image.get(img["id"], []), key=lambda a: -a.get("area", 0))
+        if anns:
+            out.append(InstanceImage(root / split / img["file_name"], int(img["height"]), int(img["width"]),
+                                     [(int(a["id"]), a["segmentation"]) for a in anns]))
+    return out
+
+
+def segmentation_mask(segmentation: Any, height: int, width: int) -> np.ndarray:
+    """A COCO segmentation as a bool ``(H, W)`` mask: polygons (``[[x0, y0, x1, y1, ...], ...]``: the parts of one
+    object, united as pycocotools does; each filled at pixel centres) or RLE (``{"counts": [...] or "compressed",
+    "size": [H, W]}``, column-major runs)."""
+    if isinstance(segmentation, dict):
+        return rle_mask(segmentation)
+    mask = np.zeros((height, width), bool)
+    for polygon in segmentation:
+        mask |= polygon_mask(np.asarray(polygon, np.float64).reshape(-1, 2), height, width)
+    return mask
+
+
+def polygon_mask(points: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Pixels whose centre lies inside the polygon ``points`` ((N, 2) x, y), by the even-odd rule, row by row."""
+    mask = np.zeros((height, width), bool)
+    if len(points) < 3:
+        return mask
+    x0, y0 = points[:, 0], points[:, 1]
+    x1, y1 = np.roll(x0, -1), np.roll(y0, -1)
+    centres = np.arange(width) + 0.5
+    for row in range(max(0, int(np.floor(y0.min()))), min(height, int(np.ceil(y0.max())) + 1)):
+        y = row + 0.5
+        crossing = (y0 <= y) != (y1 <= y)                       # edges that cross this row's centre line
+        xs = np.sort(x0[crossing] + (y - y0[crossing]) * (x1[crossing] - x0[crossing]) / (y1[crossing] - y0[crossing]))
+        for left, right in zip(xs[0::2], xs[1::2]):
+            mask[row] |= (centres > left) & (centres < right)
+    return mask
+
+
+def rle_mask(rle: dict) -> np.ndarray:
+    """COCO RLE: runs of 0s and 1s alternately (starting with 0s) over the pixels in column-major order."""
+    height, width = (int(v) for v in rle["size"])
+    counts = rle["counts"]
+    if isinstance(counts, (str, bytes)):
+        counts = rle_counts_from_string(counts if isinstance(counts, str) else counts.decode("ascii"))
+    values = np.zeros(height * width, bool)
+    position = 0
+    for k, run in enumerate(counts):
+        if k % 2:
+            values[position:position + run] = True
+        position += run
+    if position != height * width:
+        raise OAVMInputError(f"a COCO RLE mask covers {position} pixels but its size is {height}x{width}; the "
+                             f"annotation file is damaged")
+    return values.reshape(width, height).T
+
+
+def rle_counts_from_string(text: str) -> list[int]:
+    """The run lengths of COCO's compressed RLE string (pycocotools' rleFrString): 5 bits a character, each run
+    after the second stored as the difference to the run two before it."""
+    counts: list[int] = []
+    p = 0
+    while p < len(text):
+        value, shift, more = 0, 0, True
+        while more:
+            c = ord(text[p]) - 48
+            value |= (c & 0x1F) << shift
+            more = bool(c & 0x20)
+            p += 1
+            shift += 5
+            if not more and c & 0x10:
+                value |= -1 << shift
+        if len(counts) > 2:
+            value += counts[-2]
+        counts.append(value)
+    return counts
 
 
 def read_panoptic(path: str | os.PathLike) -> np.ndarray:
@@ -557,17 +672,17 @@ class VideoSegmentationSampler:
 
 @dataclass
 class ImageSegmentationSampler:
-    """Still images with instance masks (COCO panoptic), animated into clips by :func:`animate_still`."""
+    """Still images with instance masks (COCO panoptic or instances), animated into clips by :func:`animate_still`."""
 
     name: str
-    images: list[PanopticImage]
+    images: list[PanopticImage | InstanceImage]
     aug: AugmentConfig = field(default_factory=AugmentConfig)
     max_instances: int = 8
 
     def sample(self, rng: np.random.Generator, length: int, size: Size) -> Clip:
         item = self.images[int(rng.integers(len(self.images)))]
         image = read_rgb(item.image)
-        ids = read_panoptic(item.panoptic)
+        ids = item.id_map()
         box = cover_crop_box(image.shape[:2], size, scale=float(rng.uniform(1.0, 1.3)),
                              offset=tuple(rng.uniform(0.0, 1.0, size=2)))
         image = crop_resize(image, box, size)

@@ -240,7 +240,12 @@ def build_sampler(name: str, spec: dict[str, Any], recipe: Recipe, size: tuple[i
                                                            exclude=spec.get("exclude", ()))]
         return D.VideoSegmentationSampler(name, seqs, aug, spec.get("max_instances", 8))
     if kind == "image_seg":
-        images = D.coco_panoptic(_path(spec["root"]), spec.get("split", "train2017"), min_area=spec.get("min_area", 1024))
+        layout = spec.get("format", "panoptic")
+        if layout not in ("panoptic", "instances"):
+            raise OAVMInputError(f"dataset {name}: format {layout!r}; use 'panoptic' or 'instances' (COCO's two "
+                                 f"annotation downloads)")
+        read = D.coco_panoptic if layout == "panoptic" else D.coco_instances
+        images = read(_path(spec["root"]), spec.get("split", "train2017"), min_area=spec.get("min_area", 1024))
         return D.ImageSegmentationSampler(name, images, aug, spec.get("max_instances", 8))
     raise OAVMInputError(f"dataset {name}: unknown kind {kind!r}; use composite, real, video_seg or image_seg")
 
