@@ -123,7 +123,7 @@ class Clip:
     def summary(self) -> dict[str, Any]:
         return {"clip_id": self.clip_id, "objects": list(self.session.object_ids), "next_frame": self.next_frame,
                 "direction": self.direction, "frames_seen": self.session.frames_seen,
-                "memory_bytes": self.session.memory_bytes()}
+                "memory_bytes": self.session.memory_bytes(), "reply_dtype": self.reply_dtype}
 
 
 class ClipStore:

@@ -339,6 +339,20 @@ def test_pixels_for_a_remote_service_give_the_same_mattes(tmp_path, client, engi
     assert _same(_cached(_settings(tmp_path, "pixels").layout), _reference(engine, linear, alphas[0]))
 
 
+def test_a_half_float_cache_gets_half_float_mattes_that_match_the_service(tmp_path, client, engine, clip):
+    """The default cache precision (half): the service sends half floats (half the bytes back), which is what the
+    cache stores; the files hold the engine's mattes rounded to half."""
+    linear, alphas = clip
+    settings = _settings(tmp_path, "half", matte_pixel_type=exr.HALF)
+    report = Analyzer(client, settings, OiioFrameSource(linear, {FRAMES[0]: alphas[0]})).run()
+    assert report.computed == 4
+    held = {c["clip_id"]: c for c in client.status()["clips"]}
+    assert held["half"]["reply_dtype"] == "float16"
+    for cached, reference in zip(_cached(settings.layout), _reference(engine, linear, alphas[0])):
+        assert float(np.abs(cached - _half(reference)).max()) <= 1e-3     # at most a half-float step apart
+        assert np.array_equal(cached, _half(cached))                      # and half floats in the file
+
+
 def test_edited_plate_reanalyses_from_the_edit_using_a_saved_state(tmp_path, client, engine, clip):
     linear, alphas = clip
     settings = _settings(tmp_path, "edit")

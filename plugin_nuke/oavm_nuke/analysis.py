@@ -280,7 +280,8 @@ class Analyzer:
         self._digest(frame)
         if position == 0:
             return self.client.open_clip(clip, 0, load_source(path).display, {OBJECT_ID: self._mask(frame)},
-                                         restart=True, downsample_ratio=self.s.downsample_ratio)
+                                         restart=True, downsample_ratio=self.s.downsample_ratio,
+                                         reply_dtype="float16" if self.s.matte_pixel_type == exr.HALF else "float32")
         if frame in self._corrections:
             return self.client.reprompt(clip, position, load_source(path).display, OBJECT_ID, self._mask(frame))
         if self.s.local and self._full[frame]:
