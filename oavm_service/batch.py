@@ -27,7 +27,6 @@ import signal
 import socket
 import sys
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Protocol, TextIO
@@ -41,6 +40,7 @@ from oavm_service.io.colour import InputColorspace
 from oavm_service.io.images import ImageHeader, Window, align_to_window, read_header, read_mask, verify_image, \
     write_image
 from oavm_service.io.sequences import FramePattern, format_frame_range, parse_frame_range
+from oavm_service.read_ahead import ReadAhead   # reads the next plate while this frame is in the network
 
 EXIT_OK = 0
 EXIT_BAD_INPUT = 1
@@ -680,32 +680,6 @@ class BatchJob:
         else:
             self.stream.write(text + "\n")
             self.stream.flush()
-
-
-class ReadAhead:
-    """A pass's plates read one frame ahead on a worker thread, so that decoding the next frame overlaps this
-    frame's network step (on a GPU the step is ~5 ms and reading a 1080p EXR ~90 ms). ``next()`` returns the
-    frames in order; a frame that cannot be read raises its error when it is asked for, as a direct read would.
-    Only the worker touches the source while the pass runs (a movie decoder is not thread-safe)."""
-
-    def __init__(self, read: Callable[[int], Plate], frames: list[int]) -> None:
-        self._read, self._frames, self._index = read, frames, 0
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="oavm-read-ahead")
-        self._ahead: Future | None = self._pool.submit(read, frames[0]) if frames else None
-
-    def next(self) -> Plate:
-        current, self._index = self._ahead, self._index + 1
-        if current is None:
-            raise IndexError("ReadAhead: every frame of the pass was read")
-        self._ahead = self._pool.submit(self._read, self._frames[self._index]) \
-            if self._index < len(self._frames) else None
-        return current.result()
-
-    def __enter__(self) -> "ReadAhead":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._pool.shutdown(wait=True, cancel_futures=True)
 
 
 # ------------------------------------------------------------------------------------------------ CLI

@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from oavm_service.errors import OAVMInputError
+from oavm_service.read_ahead import ReadAhead
 
 from . import data as D
 from .composition import MotionConfig, PromptNoiseConfig, SFMConfig
@@ -265,32 +266,6 @@ def draw_batch(samplers: dict[str, D.ClipSampler], stage: StageConfig, seed: int
     clips = [samplers[name].sample(step_generator(seed, stage_index, step, i + 1), stage.clip_length, stage.size)
              for i in range(stage.batch_size)]
     return D.collate(clips)
-
-
-class BatchPrefetch:
-    """Draws step ``n + 1``'s batch on a worker thread while step ``n`` trains.
-
-    A batch is a pure function of its position (:func:`draw_batch`), so the batches, and with them the losses and
-    an exact ``--resume``, are those of drawing in line; a drawing error surfaces at the step it belongs to.
-    """
-
-    def __init__(self, draw: Callable[[int], D.Batch]):
-        from concurrent.futures import ThreadPoolExecutor
-
-        self._draw = draw
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="oavm-batch")
-        self._next: tuple[int, Any] | None = None
-
-    def get(self, step: int) -> D.Batch:
-        if self._next is not None and self._next[0] == step:
-            batch = self._next[1].result()
-        else:
-            batch = self._draw(step)
-        self._next = (step + 1, self._pool.submit(self._draw, step + 1))
-        return batch
-
-    def close(self) -> None:
-        self._pool.shutdown(wait=True, cancel_futures=True)
 
 
 # ============================================================================================== model
@@ -698,7 +673,9 @@ def train(recipe: Recipe, out: Path, *, device: torch.device, resume: Path | Non
         set_train_mode(model, cfg.freeze_batchnorm)
         window_start, window_clips = time.monotonic(), 0
         draw = functools.partial(draw_batch, samplers, stage, cfg.seed, stage_index)
-        prefetch = BatchPrefetch(draw) if (device.type == "cuda" if cfg.prefetch is None else cfg.prefetch) else None
+        # a batch is a pure function of its position, so batches drawn ahead are those drawn in line (exact resume)
+        prefetch = ReadAhead(draw, range(pos.step, total)) \
+            if (device.type == "cuda" if cfg.prefetch is None else cfg.prefetch) else None
         while pos.step < total:
             if max_steps is not None and pos.global_step >= max_steps:
                 stopped = True
@@ -707,7 +684,7 @@ def train(recipe: Recipe, out: Path, *, device: torch.device, resume: Path | Non
                 log(f"--max-minutes {max_minutes:g} reached: stopping with a checkpoint")
                 stopped = True
                 break
-            batch = (prefetch.get(pos.step) if prefetch is not None else draw(pos.step)).to(device)
+            batch = (prefetch.next() if prefetch is not None else draw(pos.step)).to(device)
             with torch.autocast("cuda", dtype=torch.float16, enabled=use_amp):
                 pred = forward_clip(model, batch)
             loss = compute_loss(pred, batch, recipe.loss, num_classes)
