@@ -189,16 +189,24 @@ def _path(p: str) -> Path:
 
 # ============================================================================================== samplers
 
+def open_data_pack(recipe: Recipe):
+    """The recipe's ``train.data_pack`` (a :class:`pack.DataPack`), or None. Open it once for all datasets and
+    stages: it reads each packed sequence once."""
+    if not recipe.train.data_pack:
+        return None
+    from .pack import DataPack
+    return DataPack(_path(recipe.train.data_pack))
+
+
 def build_sampler(name: str, spec: dict[str, Any], recipe: Recipe, size: tuple[int, int],
-                  log: Callable[[str], None]) -> D.ClipSampler:
-    """Build one named dataset of the recipe (``kind`` = composite | real | video_seg | image_seg)."""
+                  log: Callable[[str], None], pack=None) -> D.ClipSampler:
+    """Build one named dataset of the recipe (``kind`` = composite | real | video_seg | image_seg); ``pack``: the
+    recipe's opened data pack (:func:`open_data_pack`), opened here when not given."""
     kind = spec.get("kind")
     aug = recipe.augment
     cache = D.TeacherCache(_path(recipe.train.cache_dir), teacher_scale=recipe.train.teacher_scale)
-    pack = None
-    if recipe.train.data_pack:
-        from .pack import DataPack
-        pack = DataPack(_path(recipe.train.data_pack))
+    if pack is None:
+        pack = open_data_pack(recipe)
 
     def teacher_sequences(items: list[dict[str, Any]]) -> list[D.CachedSequence]:
         out = []
@@ -649,12 +657,13 @@ def train(recipe: Recipe, out: Path, *, device: torch.device, resume: Path | Non
     start = time.monotonic()
     stopped = False
     samplers: dict[str, D.ClipSampler] = {}
+    pack = open_data_pack(recipe)
 
     for stage_index in range(pos.stage, len(recipe.stages)):
         stage = recipe.stages[stage_index]
         total = stage.total_steps()
         needed = list(stage.datasets) + [v for v in recipe.validation if v not in stage.datasets]
-        samplers = {n: build_sampler(n, recipe.datasets[n], recipe, stage.size, log) for n in needed}
+        samplers = {n: build_sampler(n, recipe.datasets[n], recipe, stage.size, log, pack) for n in needed}
         optimizer, scheduler = make_optimizer(model, stage)
         scaler = torch.amp.GradScaler("cuda") if use_amp else None
         if state and stage_index == pos.stage:

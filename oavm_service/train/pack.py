@@ -76,6 +76,7 @@ class DataPack:
                                  f"version's `oavm pack-data`")
         self.sources: dict[str, dict[str, Any]] = manifest["sources"]
         self.backgrounds: dict[str, list[list[str]]] = manifest["backgrounds"]
+        self._read: dict[str, D.CachedSequence] = {}    # a sequence several datasets use is decoded once
 
     def sequences(self, item: dict[str, Any], size: D.Size) -> list[D.CachedSequence]:
         """The cached sequences of one recipe source (``include``/``exclude`` applied), as the cache gives them."""
@@ -93,6 +94,11 @@ class DataPack:
         return [[self.folder / p for p in video] for video in videos]
 
     def _read_sequence(self, entry: dict[str, Any]) -> D.CachedSequence:
+        if entry["path"] not in self._read:
+            self._read[entry["path"]] = self._decode(entry)
+        return self._read[entry["path"]]
+
+    def _decode(self, entry: dict[str, Any]) -> D.CachedSequence:
         base = self.folder / entry["path"]
         n, ids = entry["frames"], entry["object_ids"]
         frames = np.stack([D.read_rgb(base / "frames" / f"{t:05d}.jpg") for t in range(n)])
