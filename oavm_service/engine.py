@@ -95,6 +95,8 @@ class Engine:
             raise OAVMInputError(f"CUDA graphs need a CUDA device, not {self.device.type!r}; leave them off on the CPU")
         self.cuda_graphs = self.device.type == "cuda" if cuda_graphs is None else bool(cuda_graphs)
         self.pinned_transfers = self.device.type == "cuda"   # results come back through page-locked memory
+        self.frames_on_device = self.device.type == "cuda"   # frames are scaled and checked there (unit_frame),
+                                                             # on the CPU by numpy before the step
         # eval mode (batch-norm statistics); gradients are off via inference_mode. Channels-last layout: tensor
         # cores on the GPU; on the CPU oneDNN's convolutions then skip reordering the full-resolution decoder
         # maps (docs/performance.md has the A/B).
@@ -269,7 +271,7 @@ class ClipSession:
 
     def step(self, frame: np.ndarray, prompts: Mapping[str, np.ndarray] | None = None) -> dict[str, Matte]:
         """Matte one frame for every object. ``prompts`` add new objects or re-prompt known ones at this frame."""
-        image = _frame_to_array(frame, on_device=self.engine.device.type == "cuda")
+        image = _frame_to_array(frame, on_device=self.engine.frames_on_device)
         shape = image.shape[:2]
         if self.frame_shape is not None and shape != self.frame_shape:
             raise OAVMInputError(f"this clip's frames are {self.frame_shape[1]}x{self.frame_shape[0]} but this frame "
@@ -354,10 +356,10 @@ class ClipSession:
         with torch.inference_mode(), engine.autocast():
             raw = self._to_device(image)
             if masks or not engine.cuda_graphs:
-                if engine.device.type == "cpu":   # already float32 in [0, 1] and checked by _frame_to_array
-                    x, finite = raw.permute(2, 0, 1).unsqueeze(0), None
-                else:
+                if engine.frames_on_device:
                     x, finite = unit_frame(raw)
+                else:                            # already float32 in [0, 1] and checked by _frame_to_array
+                    x, finite = raw.permute(2, 0, 1).unsqueeze(0), None
                 feats = model.encode_frame(x, ratio)
                 queries = model.generate_queries(feats)
                 objects = dict(self._objects)
