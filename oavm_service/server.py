@@ -249,8 +249,9 @@ class Service:
         except ProtocolError as exc:
             return encode_message(error_header(exc.header, exc.code, exc.message)), None, exc.code
         clip = self.store.peek(msg.clip) if msg.clip else None
-        if clip is not None and _request_key(msg) in clip.replies:
-            return clip.replies[_request_key(msg)], msg, "ok (resent)"   # the client retried a request we answered
+        key = _request_key(msg)
+        if clip is not None and key in clip.replies:
+            return clip.replies[key], msg, "ok (resent)"          # the client retried a request we answered
         try:
             header, buffers = self.handlers[msg.op](msg)
             reply = encode_message(header, buffers)
@@ -264,7 +265,7 @@ class Service:
                 ErrorCode.INTERNAL
         held = self.store.peek(msg.clip) if msg.clip else None
         if held is not None:
-            held.replies[_request_key(msg)] = reply
+            held.replies[key] = reply
             while len(held.replies) > MAX_IN_FLIGHT:
                 held.replies.popitem(last=False)
             self._trim_reply_cache()
@@ -689,7 +690,8 @@ def main_serve(argv: list[str] | None = None) -> int:
         signal.signal(sig, server.request_stop)
     info = engine.checkpoint_info
     print(f"OAVM service listening on {config.endpoint} (protocol {PROTOCOL_VERSION}; device {engine.device}, "
-          f"{engine.precision}{', CUDA graphs' if engine.cuda_graphs else ''}; checkpoint {info.get('path')} sha256 {str(info.get('sha256', ''))[:12]}; "
+          f"{engine.precision}{', CUDA graphs' if engine.cuda_graphs else ''}; checkpoint {info.get('path')} "
+          f"sha256 {str(info.get('sha256', ''))[:12]}; "
           f"{'CURVE' if config.curve_dir else 'no encryption, loopback only'}; max {config.max_clips} clips; "
           f"state dir {config.state_dir})", flush=True)
     return server.run()
