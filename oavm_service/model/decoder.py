@@ -34,18 +34,23 @@ class ZeroStateConvGRU(nn.Module):
         self.register_buffer("fused_bias", None, persistent=False)
 
     def fuse(self) -> None:
-        """Inference: compute z and c with one convolution whose weights are the used halves, made contiguous
-        once (slicing RVM's 2C-input kernels on every call copies them). The state dict is unchanged."""
+        """Inference: compute both gates with one convolution and one sigmoid.
+
+        The weights are the used halves, made contiguous once (slicing RVM's 2C-input kernels on every call copies
+        them), with the candidate's rows doubled: tanh(u) = 2 sigmoid(2u) - 1, so a sigmoid over all 2C output
+        channels (one contiguous map) replaces a sigmoid and a tanh over two strided halves. On a 2-core CPU the
+        gates of decode1 (16 channels at 144x256) took 12.8 ms that way against 4.6 ms (the same values to
+        2e-7). The state dict is unchanged."""
         c = self.channels
         ih, hh = self.ih[0], self.hh[0]
-        self.fused_weight = torch.cat([ih.weight[c:, :c], hh.weight[:, :c]]).detach().contiguous()
-        self.fused_bias = torch.cat([ih.bias[c:], hh.bias]).detach().contiguous()
+        self.fused_weight = torch.cat([ih.weight[c:, :c], 2 * hh.weight[:, :c]]).detach().contiguous()
+        self.fused_bias = torch.cat([ih.bias[c:], 2 * hh.bias]).detach().contiguous()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         c = self.channels
         if self.fused_weight is not None:
-            z, cand = F.conv2d(x, self.fused_weight, self.fused_bias, padding=1).split(c, dim=1)
-            return torch.sigmoid(z) * torch.tanh(cand)
+            z, s = torch.sigmoid_(F.conv2d(x, self.fused_weight, self.fused_bias, padding=1)).split(c, dim=1)
+            return s.mul(2).sub_(1).mul_(z)   # z * tanh(candidate)
         ih, hh = self.ih[0], self.hh[0]
         z = torch.sigmoid(F.conv2d(x, ih.weight[c:, :c], ih.bias[c:], padding=1))
         return z * torch.tanh(F.conv2d(x, hh.weight[:, :c], hh.bias, padding=1))

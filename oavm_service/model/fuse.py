@@ -1,6 +1,6 @@
 # SPDX-License-Identifier: GPL-3.0-or-later
-"""Inference-time rewrites that change no result: batch norm folded into convolutions, the decoder's zero-state
-ConvGRU gates computed by one convolution.
+"""Inference-time rewrites that change no result beyond float rounding: batch norm folded into convolutions,
+the decoder's zero-state ConvGRU gates computed by one convolution and one sigmoid.
 
 Training keeps the modules as the paper and RVM's weights name them (``decode3.gru.ih.0.weight`` ...); the
 engine applies :func:`optimize_for_inference` to its own copy of the network. The batch norms showed as much time
