@@ -21,6 +21,7 @@ from bench.common import NO_GPU, REPO, RESULTS_DIR, DeviceSpec, Resolution, RunO
     parse_lengths
 from bench.report import SERVICE_TARGET_SIZE, Row, format_table, rows_to_json
 from oavm_service.errors import OAVMError
+from oavm_service.heap import keep_freed_memory
 
 DEFAULT_RESOLUTIONS = "512x288@1,512x288@0.5,1920x1080@0.25,3840x2160@0.125"
 DEFAULT_DEVICES = "cpu,cuda"
@@ -147,6 +148,7 @@ def run(args: argparse.Namespace, workdir: Path) -> tuple[list[Row], dict]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    keep_freed_memory()   # as the ``oavm`` command does for the service it starts: both sides alike
     import torch
 
     if args.threads:

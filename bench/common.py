@@ -7,6 +7,7 @@ and backwards, so every bench - OAVM in-process, through the service, RVM - sees
 from __future__ import annotations
 
 import argparse
+import gc
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -14,6 +15,8 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+
+from oavm_service.heap import release_freed_memory
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE_DIR = REPO / "samples" / "judo"
@@ -271,18 +274,6 @@ def _proc_status_kib(key: str, pid: int | str = "self") -> int:
     raise RuntimeError(f"/proc/{pid}/status has no {key}; peak memory needs Linux")
 
 
-def _malloc_trim() -> None:
-    """Return free heap pages to the kernel (glibc); elsewhere a no-op."""
-    import ctypes
-    import gc
-
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
 class PeakMemory:
     """Peak memory of a process on one device: RSS high-water mark on CPU, ``max_memory_allocated`` on CUDA.
 
@@ -305,7 +296,8 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats(self.device)
             return
         if self.pid == "self":
-            _malloc_trim()
+            gc.collect()
+            release_freed_memory()
         try:
             Path(f"/proc/{self.pid}/clear_refs").write_text("5")
         except OSError:

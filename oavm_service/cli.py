@@ -8,6 +8,8 @@ import importlib
 import os
 import sys
 
+from oavm_service.heap import keep_freed_memory
+
 # OpenMP threads that spin while waiting make torch many times slower when the CPU is shared (measured in bench/:
 # 4.3 s vs 0.41 s per 512x288 frame on a busy 2-core machine); artists run the service beside Blender or Nuke.
 # Must be set before torch is imported, which the sub-commands do lazily.
@@ -35,6 +37,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {name:<11} {text}")
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     name, rest = argv[0], argv[1:]
+    keep_freed_memory()   # the network's per-step buffers are reused instead of re-faulted (heap.py)
     module = importlib.import_module(COMMANDS[name][0])
     entry = getattr(module, "main_" + name.replace("-", "_"), None) or module.main
     return int(entry(rest) or 0)

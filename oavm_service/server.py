@@ -33,6 +33,7 @@ import numpy as np
 import zmq
 
 from oavm_service.errors import CheckpointError, OAVMInputError
+from oavm_service.heap import release_freed_memory
 from shared.protocol import (DEFAULT_ENDPOINT, MAX_HEADER_BYTES, MAX_IN_FLIGHT, PROTOCOL_VERSION, REPLY_DTYPES,
                              ErrorCode, Limits, Message, OAVMServiceError, Op, ProtocolError, decode_message,
                              encode_message, error_header, layer_buffers, reply_header, to_rgb)
@@ -173,6 +174,8 @@ class ClipStore:
         path = self.state_path(clip_id)
         saved = path.exists()
         path.unlink(missing_ok=True)
+        if held:   # the heap keeps the steps' freed buffers for the next step (heap.py): give them back now
+            release_freed_memory()
         return held or saved
 
     def save_all(self) -> int:
