@@ -17,6 +17,11 @@ import tempfile
 import time
 from pathlib import Path
 
+# The engine as the product runs it: the ``oavm`` command (cli.py) sets this for the service, the farm batch and the
+# demo before torch is imported; without it the bench's in-process rows spun (active waiting) where the service
+# slept. Before any import of torch.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 from bench.common import NO_GPU, REPO, RESULTS_DIR, DeviceSpec, Resolution, RunOptions, one_spec_per_device, \
     parse_lengths
 from bench.report import SERVICE_TARGET_SIZE, Row, format_table, rows_to_json
