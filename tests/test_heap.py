@@ -68,3 +68,21 @@ def test_freed_blocks_are_reused_without_page_faults_and_released_on_request():
     assert kept["rss_kept_kib"] > plain["rss_kept_kib"] + 150 * 1024, kept   # ... because it stayed resident
     assert kept["released"] is True                             # and goes back when asked
     assert kept["rss_after_kib"] < plain["rss_kept_kib"] + 20 * 1024, kept
+
+
+def test_closing_a_clip_gives_the_kept_memory_back(tmp_path, monkeypatch):
+    """The service's store calls release_freed_memory when it drops a clip it held (close_clip), not otherwise."""
+    import torch
+
+    from oavm_service import server
+    from oavm_service.engine import Engine
+    from oavm_service.model import OAVM, OAVMConfig
+
+    torch.manual_seed(0)
+    engine = Engine(OAVM(OAVMConfig.tiny()).eval(), device="cpu")
+    store = server.ClipStore(engine, tmp_path, max_clips=2)
+    calls = []
+    monkeypatch.setattr(server, "release_freed_memory", lambda: calls.append(1) or True)
+    store.put(server.Clip("a", engine.new_session(), direction=1, next_frame=1, want_foreground=False))
+    assert store.remove("missing") is False and calls == []
+    assert store.remove("a") is True and calls == [1]
