@@ -102,7 +102,7 @@ def results_tag(specs: list[DeviceSpec], quick: bool) -> str:
     return tag + ("-quick" if quick else "")
 
 
-def machine_info() -> dict:
+def machine_info(heap_kept: bool) -> dict:
     import numpy
     import onnxruntime
     import torch
@@ -115,7 +115,9 @@ def machine_info() -> dict:
             "python": platform.python_version(), "torch": torch.__version__, "numpy": numpy.__version__,
             "onnxruntime": onnxruntime.__version__, "git_commit": commit.stdout.strip() or None,
             # OpenMP's waiting policy decides whether torch's threads survive a busy machine (docs/performance.md)
-            "environment": {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "MKL_NUM_THREADS")}}
+            "environment": {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "MKL_NUM_THREADS")},
+            # whether freed buffers stay in the heap between steps (oavm_service/heap.py; glibc only)
+            "heap_kept": heap_kept}
 
 
 def run(args: argparse.Namespace, workdir: Path) -> tuple[list[Row], dict]:
@@ -153,7 +155,7 @@ def run(args: argparse.Namespace, workdir: Path) -> tuple[list[Row], dict]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    keep_freed_memory()   # as the ``oavm`` command does for the service it starts: both sides alike
+    heap_kept = keep_freed_memory()   # as the ``oavm`` command does for the service it starts: both sides alike
     import torch
 
     if args.threads:
@@ -174,8 +176,9 @@ def main(argv: list[str] | None = None) -> int:
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
         "duration_s": round(time.time() - started, 1),
         "load_average_before": load_before, "load_average_after": os.getloadavg(),
-        "machine": machine_info(), "options": {k: (v if isinstance(v, (int, float, str, bool, type(None)))
-                                                    else str(v)) for k, v in vars(args).items()},
+        "machine": machine_info(heap_kept),
+        "options": {k: (v if isinstance(v, (int, float, str, bool, type(None))) else str(v))
+                    for k, v in vars(args).items()},
         "notes": [
             "fps = 1 / median frame time of the timed steps after warm-up; p50/p95 of the same steps",
             "peak MiB: RSS high-water mark of the measuring process (CPU), torch.cuda.max_memory_allocated (GPU)",

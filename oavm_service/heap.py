@@ -2,15 +2,16 @@
 """How the OAVM processes (service, farm batch, demo, bench) ask the C heap to treat the network's buffers.
 
 Every CPU step allocates and frees the same large activation maps (20 MB for the decoder's full-resolution map at
-512x288, >100 MB at 4K). glibc's malloc serves blocks that large with fresh ``mmap`` pages and unmaps them on
-``free``, so each step pays the kernel to zero them again: 8,000-14,000 page faults per 512x288 frame, 33,000 per
-4K frame, 36-134 ms of system time (2-core EPYC). Raising the mmap and trim thresholds keeps freed blocks in the
-heap for the next step: 512x288@1 223/243 -> 207/199 ms a frame, 4K@0.125 701 -> 584 ms, the RSS peak within
-+7 %. The service hands the kept memory back when a clip closes (:func:`release_freed_memory`).
+512x288, >100 MB at 4K). glibc's malloc maps blocks that large afresh and unmaps them on ``free``, or trims them off
+the heap top after the step, so each step pays the kernel to zero them again: 8,000-14,000 page faults per 512x288
+frame, 33,000 per 4K frame, 36-134 ms of system time (2-core EPYC). Raising the mmap and trim thresholds keeps
+freed blocks in the heap for the next step: 512x288@1 0.80-0.87x the time (eight alternating process pairs),
+4K@0.125 701 -> 584 ms, the RSS peak within +7 %. The service hands the kept memory back when a clip closes
+(:func:`release_freed_memory`).
 
 Process-wide, so only the entry points call :func:`keep_freed_memory` (``oavm`` and ``python -m bench``), never a
 library import: a host application (Nuke's Python running the engine in-process) keeps its own allocator
-settings. Elsewhere than glibc (macOS, Windows, musl) both functions do nothing and say so.
+settings. Elsewhere than glibc (macOS, Windows, musl) both functions do nothing and return False.
 """
 from __future__ import annotations
 

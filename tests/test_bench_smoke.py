@@ -48,6 +48,8 @@ def test_quick_run_records_one_table_as_json_and_png(quick_run):
     data = json.loads(json_files[0].read_text())
     assert "\n".join(data["table"]) in proc.stdout, "the JSON holds the very table that was printed"
     assert data["meta"]["checkpoint"]["label"] == "random-tiny init"
+    machine = data["meta"]["machine"]   # measured with the process set-up of the `oavm` command
+    assert machine["environment"]["OMP_WAIT_POLICY"] and machine["heap_kept"] is sys.platform.startswith("linux")
     rows = [Row(**r) for r in data["rows"]]
     assert {r.bench for r in rows} == BENCHES
 
