@@ -236,6 +236,29 @@ def test_optimize_for_inference_changes_no_result(backbone, make_clip):
         optimize_for_inference(copy.deepcopy(model).train())
 
 
+def test_folded_attention_gives_the_projected_attention(monkeypatch):
+    """Few queries over many keys with the key/value projections moved to the queries' side: the same outputs
+    with a boolean mask, an additive mask and none; attention between equal numbers of tokens is never folded."""
+    from oavm_service.model.layers import MultiHeadAttention
+
+    torch.manual_seed(0)
+    attn = MultiHeadAttention(64, 4).eval()
+    q, k, v = torch.randn(2, 8, 64), torch.randn(2, 300, 64), torch.randn(2, 300, 64)
+    allowed = torch.rand(2, 1, 8, 300) > 0.7
+    allowed[..., 0] = True                                            # no row fully masked (as callers ensure)
+    additive = torch.zeros(2, 1, 8, 300).masked_fill(~allowed, float("-inf"))
+    with torch.no_grad():
+        for mask in (None, allowed, additive):
+            attn.fold_projections = False
+            expected = attn(q, k, v, mask)
+            attn.fold_projections = True
+            got = attn(q, k, v, mask)
+            assert torch.allclose(got, expected, atol=1e-5), (mask is None, (got - expected).abs().max())
+        assert not torch.allclose(attn(q, k, v, allowed), attn(q, k, v, None), atol=1e-3)   # the mask matters
+        monkeypatch.setattr(attn, "_folded", lambda *a: pytest.fail("self-attention must not be folded"))
+        attn(k, k, v)
+
+
 @pytest.mark.parametrize("pixel_decoder", ["separable", "full"])
 def test_oqg_inference_path_gives_the_training_path_queries(pixel_decoder):
     """Without per-layer outputs OQG predicts the attention masks at their own scale, with the mask features'
