@@ -216,7 +216,7 @@ def test_tiny_model_overfits_and_every_module_learns(make_clip):
 def test_optimize_for_inference_changes_no_result(backbone, make_clip):
     """Folded batch norm and fused GRU gates: same mattes, no BatchNorm left, the original model untouched."""
     from conftest import calibrated_tiny_model
-    from oavm_service.model.fuse import ConvActivation, optimize_for_inference
+    from oavm_service.model.fuse import optimize_for_inference
 
     model = calibrated_tiny_model(backbone=backbone)
     state_before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -228,34 +228,12 @@ def test_optimize_for_inference_changes_no_result(backbone, make_clip):
         fused = optimize_for_inference(copy.deepcopy(model))
         got = fused.forward_clip(frames, first)
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fused.modules())
-    assert sum(isinstance(m, ConvActivation) for m in fused.modules()) >= 3   # the decoder's blocks at least
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in state_before.items())
     for key in ("alpha", "fgmask", "fgr"):
         assert torch.allclose(got[key], expected[key], atol=1e-4), key
     assert expected["alpha"].std() > 1e-3  # the comparison is not between two constants
     with pytest.raises(ValueError, match="eval mode"):
         optimize_for_inference(copy.deepcopy(model).train())
-
-
-@pytest.mark.parametrize("activation", ["relu", "hardswish"])
-def test_conv_activation_gives_the_convolution_then_the_activation(activation):
-    """The one-call convolution + activation (oneDNN, CPU float32) against the two modules, for the shapes the
-    network has (stride 2, depthwise, dilated); the plain path where it does not apply (float64, CPU autocast)."""
-    from oavm_service.model import fuse
-
-    assert fuse._CONV_POINTWISE is not None, "this torch build has no oneDNN pointwise convolution"
-    act = torch.nn.ReLU() if activation == "relu" else torch.nn.Hardswish()
-    torch.manual_seed(0)
-    for conv in (torch.nn.Conv2d(6, 8, 3, 2, 1), torch.nn.Conv2d(8, 8, 5, 1, 4, dilation=2, groups=8),
-                 torch.nn.Conv2d(8, 4, 1, bias=False)):
-        fused = fuse.ConvActivation(conv, activation)
-        x = torch.randn(1, conv.in_channels, 19, 26).contiguous(memory_format=torch.channels_last)
-        with torch.no_grad():
-            assert torch.allclose(fused(x), act(conv(x)), atol=1e-6)
-            assert torch.equal(fused.double()(x.double()), act(conv.double()(x.double())))
-            fused.float()
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                assert torch.equal(fused(x), act(conv(x)))
 
 
 def test_folded_attention_gives_the_projected_attention(monkeypatch):

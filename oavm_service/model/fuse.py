@@ -1,9 +1,9 @@
 # SPDX-License-Identifier: GPL-3.0-or-later
 """Inference-time rewrites that change no result beyond float rounding: batch norm folded into convolutions,
-convolutions and their activations run as one oneDNN call on the CPU (:class:`ConvActivation`), the decoder's
-zero-state ConvGRU gates computed by one convolution and one sigmoid, and attention of few queries over many keys
-(OQG's queries over the pixel decoder's maps, OGCR's queries over the frame) computed without projecting the keys
-and values (:meth:`MultiHeadAttention._folded`: 0.94-0.95x the time of a 512x288@1 CPU step, in-process A/B).
+the decoder's zero-state ConvGRU gates computed by one convolution and one sigmoid, and attention of few queries
+over many keys (OQG's queries over the pixel decoder's maps, OGCR's queries over the frame) computed without
+projecting the keys and values (:meth:`MultiHeadAttention._folded`: 0.94-0.95x the time of a 512x288@1 CPU step,
+in-process A/B).
 
 Training keeps the modules as the paper and RVM's weights name them (``decode3.gru.ih.0.weight`` ...); the
 engine applies :func:`optimize_for_inference` to its own copy of the network. The batch norms showed as much time
@@ -13,7 +13,6 @@ decoder's GRU convolutions; measured together on a 2-core CPU at 512x288: 2.5 % 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .decoder import ZeroStateConvGRU
@@ -52,60 +51,9 @@ def _conv_bn_pairs(module: nn.Module) -> list[tuple[nn.Module, str, str]]:
     return pairs
 
 
-# oneDNN's convolution with the activation applied as it writes its output (the op torch.compile uses on the CPU);
-# absent from torch builds without oneDNN, which then run the plain convolution and activation
-_CONV_POINTWISE = getattr(getattr(torch.ops, "mkldnn", None), "_convolution_pointwise", None) \
-    if torch.backends.mkldnn.is_available() else None
-ACTIVATIONS: dict[type, str] = {nn.ReLU: "relu", nn.Hardswish: "hardswish"}
-
-
-class ConvActivation(nn.Module):
-    """A convolution and the activation right after it, as one oneDNN call on the CPU.
-
-    The activation is applied while the convolution writes its map, which saves a pass over it: the decoder's
-    full-size block 21.2 -> 18.4 ms at 512x288, and with the backbone's, LR-ASPP's and PFE's 40 such pairs a step
-    0.94-0.97x the time (2-core CPU, in-process A/B). Elsewhere - a GPU, CPU autocast (bf16), other dtypes - the
-    convolution and activation run as before. Same values (oneDNN computes the convolution the same way)."""
-
-    def __init__(self, conv: nn.Conv2d, activation: str) -> None:
-        super().__init__()
-        self.conv, self.activation = conv, activation
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        c = self.conv
-        if (_CONV_POINTWISE is not None and x.device.type == "cpu" and x.dtype == torch.float32
-                and c.weight.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")):
-            return _CONV_POINTWISE(x, c.weight, c.bias, list(c.padding), list(c.stride), list(c.dilation),
-                                   c.groups, self.activation, [], "")
-        y = c(x)
-        return F.relu(y) if self.activation == "relu" else F.hardswish(y)
-
-
-def _fuse_activations(model: nn.Module) -> int:
-    """Replace each Conv2d of an ``nn.Sequential`` whose next module (after folded batch norms, now Identity) is a
-    ReLU or Hardswish by a :class:`ConvActivation`, and that activation by Identity. Returns how many."""
-    fused = 0
-    for parent in model.modules():
-        if not isinstance(parent, nn.Sequential):
-            continue
-        names = list(parent._modules)
-        for i, name in enumerate(names):
-            conv = parent._modules[name]
-            if not (isinstance(conv, nn.Conv2d) and conv.padding_mode == "zeros" and isinstance(conv.padding, tuple)):
-                continue
-            j = i + 1
-            while j < len(names) and isinstance(parent._modules[names[j]], nn.Identity):
-                j += 1
-            if j < len(names) and type(parent._modules[names[j]]) in ACTIVATIONS:
-                parent._modules[name] = ConvActivation(conv, ACTIVATIONS[type(parent._modules[names[j]])])
-                parent._modules[names[j]] = nn.Identity()
-                fused += 1
-    return fused
-
-
 def optimize_for_inference(model: nn.Module) -> nn.Module:
-    """Fold every eval-mode batch norm into its convolution, join convolutions with their activations, fuse the
-    decoder's GRU gates and let attention fold its key/value projections where that is cheaper, in place.
+    """Fold every eval-mode batch norm into its convolution, fuse the decoder's GRU gates and let attention
+    fold its key/value projections where that is cheaper, in place.
 
     The model must be in eval mode (training batch norm has no fixed affine map) and is meant for inference
     only afterwards: its state dict no longer has the batch-norm entries.
@@ -115,7 +63,6 @@ def optimize_for_inference(model: nn.Module) -> nn.Module:
     for parent, conv_name, bn_name in _conv_bn_pairs(model):
         fold_batch_norm(getattr(parent, conv_name), getattr(parent, bn_name))
         setattr(parent, bn_name, nn.Identity())
-    _fuse_activations(model)
     for module in model.modules():
         if isinstance(module, ZeroStateConvGRU):
             module.fuse()
