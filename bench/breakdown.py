@@ -19,7 +19,7 @@ from typing import Iterator
 
 from bench.common import OBJECT_ID, DeviceSpec, Resolution, SampleClip, cuda_sync
 from bench.models import Checkpoint, bench_session, free_memory, open_engine
-from bench.report import Row, not_measured
+from bench.report import Row, announce, not_measured
 
 STAGES = ("backbone", "pfe", "oqg", "ogcr", "decoder", "refiner")
 LABEL_PREFIX = "oavm::"
@@ -125,4 +125,5 @@ def run_breakdown(spec: DeviceSpec, res: Resolution, ckpt: Checkpoint, steps: in
             for stage, ms in sorted(shares.items(), key=lambda kv: -kv[1])]
     rows[0].note = f"step {wall:.1f} ms mean under the profiler (hooks and profiling add to it)" + \
         (", eager steps (no CUDA graphs)" if spec.device == "cuda" else "")
+    announce(rows[0])
     return rows, {"device": spec.label, "resolution": res.label, **result}

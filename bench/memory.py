@@ -14,7 +14,7 @@ import time
 from bench.common import OBJECT_ID, DeviceSpec, PeakMemory, Resolution, SampleClip, cuda_sync, mib, \
     one_spec_per_device
 from bench.models import Checkpoint, bench_session, free_memory, open_engine
-from bench.report import MEMORY_GROWTH_MAX, Row, not_measured, verdict
+from bench.report import MEMORY_GROWTH_MAX, Row, announce, not_measured, progress, verdict
 
 
 def _size(n_bytes: int) -> str:
@@ -57,6 +57,8 @@ def _rows_on(spec: DeviceSpec, res: Resolution, lengths: list[int], ckpt: Checkp
         if i + 1 in lengths:
             sync()
             readings[i + 1] = (memory.peak_bytes(), session.memory_bytes(), time.perf_counter() - t0)
+            progress(f"memory {spec.label} {res.label}: {i + 1} of {lengths[-1]} frames, "
+                     f"peak {mib(readings[i + 1][0]):.0f} MiB")
     base_peak = readings[lengths[0]][0]
     rows = []
     for n in lengths:
@@ -67,4 +69,5 @@ def _rows_on(spec: DeviceSpec, res: Resolution, lengths: list[int], ckpt: Checkp
                         value=f"{growth:+.1%} vs {lengths[0]}; session holds {_size(held)}",
                         target=target if last else "", result=verdict(growth <= MEMORY_GROWTH_MAX) if last else "",
                         note=f"{memory.kind}; {(n - 1) / seconds:.2f} fps mean"))
+        announce(rows[-1])
     return rows

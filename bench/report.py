@@ -2,6 +2,8 @@
 """The one table every bench writes into: its rows, the targets from issue 9 and the text/JSON renderings."""
 from __future__ import annotations
 
+import sys
+import time
 from dataclasses import asdict, dataclass, fields
 
 # Issue 9's targets. They are reported per row, never asserted: a shared 2-core CPU is no place for hard limits.
@@ -33,6 +35,21 @@ class Row:
     target: str = ""
     result: str = ""                 # PASS | FAIL | "" (no target) | "not measured (...)"
     note: str = ""
+
+
+_STARTED = time.monotonic()
+
+
+def progress(message: str) -> None:
+    """One line on stderr with the time since the bench started: a full run takes minutes, the table comes last."""
+    print(f"[bench {time.monotonic() - _STARTED:4.0f} s] {message}", file=sys.stderr, flush=True)
+
+
+def announce(row: Row) -> Row:
+    """:func:`progress` for a row just measured, with its main figure; returns the row."""
+    figures = [f"{row.fps:.2f} fps"] if row.fps else []
+    progress(f"{row.bench} {row.device} {row.input}: " + "; ".join(figures + ([row.value] if row.value else [])))
+    return row
 
 
 def verdict(ok: bool) -> str:

@@ -18,7 +18,7 @@ import numpy as np
 
 from bench.common import DeviceSpec, PeakMemory, Resolution, RunOptions, SampleClip, cuda_sync, mib, time_steps
 from bench.models import free_memory
-from bench.report import Row
+from bench.report import Row, announce
 
 RVM_ONNX_NAME = "rvm_mobilenetv3_fp32.onnx"
 RVM_LABEL = "RVM mnv3 fp32 ONNX"
@@ -151,10 +151,11 @@ def _torch_row(model, spec: DeviceSpec, res: Resolution, speed_rows: list[Row], 
                         sync=cuda_sync(spec.device))
     on_cpu = spec.device == "cpu"
     value = _versus(_oavm_fps(speed_rows, spec, res), timing, on_cpu)
-    return Row("rvm", spec.label, res.label, RVM_TORCH_LABEL, frames=timing.n, fps=timing.fps, p50_ms=timing.p50_ms,
-               p95_ms=timing.p95_ms, cpu_ms=timing.cpu_ms if on_cpu else None, peak_mib=mib(memory.peak_bytes()),
-               value=value, note=f"torch eager, recurrent ConvGRUs, ds {ratio:g}, {memory.kind}"
-                                 + (f", threads={torch.get_num_threads()}" if on_cpu else ""))
+    row = Row("rvm", spec.label, res.label, RVM_TORCH_LABEL, frames=timing.n, fps=timing.fps, p50_ms=timing.p50_ms,
+              p95_ms=timing.p95_ms, cpu_ms=timing.cpu_ms if on_cpu else None, peak_mib=mib(memory.peak_bytes()),
+              value=value, note=f"torch eager, recurrent ConvGRUs, ds {ratio:g}, {memory.kind}"
+                                + (f", threads={torch.get_num_threads()}" if on_cpu else ""))
+    return announce(row)
 
 
 def _row(spec: DeviceSpec, res: Resolution, providers: list[str], threads: int, speed_rows: list[Row],
@@ -169,6 +170,7 @@ def _row(spec: DeviceSpec, res: Resolution, providers: list[str], threads: int, 
                         budget_s=opts.budget_s)
     on_cpu = spec.device == "cpu"
     value = _versus(_oavm_fps(speed_rows, spec, res), timing, on_cpu)
-    return Row("rvm", spec.label, res.label, RVM_LABEL, frames=timing.n, fps=timing.fps, p50_ms=timing.p50_ms,
-               p95_ms=timing.p95_ms, cpu_ms=timing.cpu_ms if on_cpu else None, peak_mib=mib(memory.peak_bytes()),
-               value=value, note=f"onnxruntime {providers[0]}, ds {ratio:g}, threads={threads}, RSS peak")
+    row = Row("rvm", spec.label, res.label, RVM_LABEL, frames=timing.n, fps=timing.fps, p50_ms=timing.p50_ms,
+              p95_ms=timing.p95_ms, cpu_ms=timing.cpu_ms if on_cpu else None, peak_mib=mib(memory.peak_bytes()),
+              value=value, note=f"onnxruntime {providers[0]}, ds {ratio:g}, threads={threads}, RSS peak")
+    return announce(row)

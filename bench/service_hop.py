@@ -33,7 +33,7 @@ import numpy as np
 from bench.common import OBJECT_ID, REPO, DeviceSpec, PeakMemory, Resolution, RunOptions, SampleClip, Timing, \
     cuda_sync, mib, one_spec_per_device
 from bench.models import Checkpoint, bench_session, free_memory, open_engine
-from bench.report import SERVICE_OVERHEAD_MAX, SERVICE_TARGET_SIZE, Row, not_measured, verdict
+from bench.report import SERVICE_OVERHEAD_MAX, SERVICE_TARGET_SIZE, Row, announce, not_measured, verdict
 
 READY_TEXT = "listening on"
 # the service's log line per request: "matte clip=bench-512x288 frame=7 -> ok (123.4 ms, client ...)"
@@ -167,13 +167,14 @@ def hop_row(client, service: Service, engine, spec: DeviceSpec, res: Resolution,
              f"{hop.p50_ms - statistics.median(handled):.1f} ms" if handled else "")
     target = _target(res)
     wire = "float16 frames and replies" if half else "float32 frames"
-    return Row("service", spec.label, res.label + (" f16" if half else ""), ckpt.label, frames=hop.n, fps=hop.fps,
-               p50_ms=hop.p50_ms, p95_ms=hop.p95_ms,
-               peak_mib=mib(service_memory.peak_bytes()) if service_memory else None,
-               value=f"x{ratio:.3f} vs in-process ({ratio - 1:+.1%}, {hop.p50_ms - local.p50_ms:+.0f} ms)",
-               target=target, result=verdict(ratio - 1 <= SERVICE_OVERHEAD_MAX) if target else "",
-               note=f"in-process p50 {local.p50_ms:.1f} ms{split}; {wire}, one frame at a time, tcp"
-                    + ("; service RSS peak" if service_memory else ""))
+    row = Row("service", spec.label, res.label + (" f16" if half else ""), ckpt.label, frames=hop.n, fps=hop.fps,
+              p50_ms=hop.p50_ms, p95_ms=hop.p95_ms,
+              peak_mib=mib(service_memory.peak_bytes()) if service_memory else None,
+              value=f"x{ratio:.3f} vs in-process ({ratio - 1:+.1%}, {hop.p50_ms - local.p50_ms:+.0f} ms)",
+              target=target, result=verdict(ratio - 1 <= SERVICE_OVERHEAD_MAX) if target else "",
+              note=f"in-process p50 {local.p50_ms:.1f} ms{split}; {wire}, one frame at a time, tcp"
+                   + ("; service RSS peak" if service_memory else ""))
+    return announce(row)
 
 
 def stream_row(client, service: Service, engine, spec: DeviceSpec, res: Resolution, ckpt: Checkpoint,
@@ -218,12 +219,13 @@ def stream_row(client, service: Service, engine, spec: DeviceSpec, res: Resoluti
     handled = service.handled_ms(clip_id, timed)
     split = (f"; the service's own time {statistics.median(handled):.1f} ms a request (decode, step, encode)"
              if handled else "")
-    return Row("service", spec.label, f"{res.label} f16 x2 {transport}", ckpt.label, frames=hop.n * STREAM_BLOCK,
-               fps=hop.fps, p50_ms=hop.p50_ms, p95_ms=hop.p95_ms,
-               value=f"x{ratio:.3f} vs in-process ({ratio - 1:+.1%}, {hop.p50_ms - local.p50_ms:+.0f} ms)",
-               target=target, result=verdict(ratio - 1 <= SERVICE_OVERHEAD_MAX) if target else "",
-               note=f"in-process p50 {local.p50_ms:.1f} ms a frame; float16 frames and replies, 2 frames in flight "
-                    f"(matte_stream), {transport}; medians of blocks of {STREAM_BLOCK} frames{split}")
+    row = Row("service", spec.label, f"{res.label} f16 x2 {transport}", ckpt.label, frames=hop.n * STREAM_BLOCK,
+              fps=hop.fps, p50_ms=hop.p50_ms, p95_ms=hop.p95_ms,
+              value=f"x{ratio:.3f} vs in-process ({ratio - 1:+.1%}, {hop.p50_ms - local.p50_ms:+.0f} ms)",
+              target=target, result=verdict(ratio - 1 <= SERVICE_OVERHEAD_MAX) if target else "",
+              note=f"in-process p50 {local.p50_ms:.1f} ms a frame; float16 frames and replies, 2 frames in flight "
+                   f"(matte_stream), {transport}; medians of blocks of {STREAM_BLOCK} frames{split}")
+    return announce(row)
 
 
 def run_service(specs: list[DeviceSpec], resolutions: list[Resolution], ckpt: Checkpoint, opts: RunOptions,

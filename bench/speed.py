@@ -15,7 +15,7 @@ import torch
 from bench.common import OBJECT_ID, DeviceSpec, PeakMemory, Resolution, RunOptions, SampleClip, Timing, \
     cuda_sync, mib, time_steps
 from bench.models import Checkpoint, bench_session, free_memory, open_engine
-from bench.report import Row, not_measured, speed_target, speed_target_text, verdict
+from bench.report import Row, announce, not_measured, speed_target, speed_target_text, verdict
 
 
 @dataclass
@@ -52,13 +52,14 @@ def speed_row(engine, spec: DeviceSpec, res: Resolution, ckpt: Checkpoint, opts:
     run = run_session(engine, res, opts)
     target = speed_target(spec.device, spec.precision, res.size)
     t = run.timing
-    return Row("speed", spec.label, res.label, ckpt.label, frames=t.n, fps=t.fps, p50_ms=t.p50_ms,
-               p95_ms=t.p95_ms, cpu_ms=t.cpu_ms if spec.device == "cpu" else None, peak_mib=mib(run.peak_bytes),
-               target=speed_target_text(target, spec.device) if target else "",
-               result=verdict(t.fps >= target) if target else "",
-               note=", ".join(filter(None, [gpu_note(spec), "CUDA graphs" if engine.cuda_graphs else "",
-                                            run.memory_kind,
-                                            f"threads={torch.get_num_threads()}" if spec.device == "cpu" else ""])))
+    row = Row("speed", spec.label, res.label, ckpt.label, frames=t.n, fps=t.fps, p50_ms=t.p50_ms,
+              p95_ms=t.p95_ms, cpu_ms=t.cpu_ms if spec.device == "cpu" else None, peak_mib=mib(run.peak_bytes),
+              target=speed_target_text(target, spec.device) if target else "",
+              result=verdict(t.fps >= target) if target else "",
+              note=", ".join(filter(None, [gpu_note(spec), "CUDA graphs" if engine.cuda_graphs else "",
+                                           run.memory_kind,
+                                           f"threads={torch.get_num_threads()}" if spec.device == "cpu" else ""])))
+    return announce(row)
 
 
 def run_speed(specs: list[DeviceSpec], resolutions: list[Resolution], ckpt: Checkpoint,

@@ -48,6 +48,11 @@ def test_quick_run_records_one_table_as_json_and_png(quick_run):
     data = json.loads(json_files[0].read_text())
     assert "\n".join(data["table"]) in proc.stdout, "the JSON holds the very table that was printed"
     assert data["meta"]["checkpoint"]["label"] == "random-tiny init"
+    progress = [line for line in proc.stderr.splitlines() if line.startswith("[bench ")]   # shown as it runs
+    assert any("speed cpu fp32 64x48: " in line and line.endswith(" fps") for line in progress), proc.stderr
+    assert any("memory cpu fp32 64x48: 6 of 6 frames" in line for line in progress), proc.stderr
+    assert any(line.split("] ", 1)[1].startswith("service cpu fp32 64x48: ") and " vs in-process" in line
+               for line in progress), proc.stderr
     machine = data["meta"]["machine"]   # measured with the process set-up of the `oavm` command
     assert machine["environment"]["OMP_WAIT_POLICY"] and machine["heap_kept"] is sys.platform.startswith("linux")
     rows = [Row(**r) for r in data["rows"]]
