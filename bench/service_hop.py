@@ -122,6 +122,24 @@ def _target(res: Resolution) -> str:
     return f"<= +{SERVICE_OVERHEAD_MAX:.0%} at {SERVICE_TARGET_SIZE}" if res.size == SERVICE_TARGET_SIZE else ""
 
 
+def _open_both(client, engine, res: Resolution, clip: SampleClip, clip_id: str, dtype=np.float32):
+    """The row's clip started at frame 0 in the service and in-process, with the same frame and mask; replies come
+    back in the frames' dtype. Returns the in-process session."""
+    session = bench_session(engine, res)
+    frame = _float_frame(clip, 0, dtype)
+    client.open_clip(clip_id, 0, frame, {OBJECT_ID: clip.mask}, restart=True,
+                     downsample_ratio=res.downsample_ratio, reply_dtype=np.dtype(dtype).name)
+    session.step(frame, {OBJECT_ID: clip.mask})
+    return session
+
+
+def _versus_in_process(hop: Timing, local: Timing, res: Resolution) -> dict[str, str]:
+    """A service row's ratio columns (value, target, result): its median frame time over the in-process one."""
+    ratio, target = hop.p50_ms / local.p50_ms, _target(res)
+    return {"value": f"x{ratio:.3f} vs in-process ({ratio - 1:+.1%}, {hop.p50_ms - local.p50_ms:+.0f} ms)",
+            "target": target, "result": verdict(ratio - 1 <= SERVICE_OVERHEAD_MAX) if target else ""}
+
+
 def hop_row(client, service: Service, engine, spec: DeviceSpec, res: Resolution, ckpt: Checkpoint,
             opts: RunOptions, *, half: bool = False) -> Row:
     """One resolution in lockstep; the service's log splits its extra time into transport and service work.
@@ -132,13 +150,9 @@ def hop_row(client, service: Service, engine, spec: DeviceSpec, res: Resolution,
     clip_id = "bench-" + res.label.replace(" ", "-") + ("-f16" if half else "")   # the log is searched by clip id
     sync = cuda_sync(str(engine.device))
     service_memory = PeakMemory("cpu", service.proc.pid) if spec.device == "cpu" else None
-    session = bench_session(engine, res)
     if service_memory:
         service_memory.reset()
-    frame = _float_frame(clip, 0, dtype)
-    client.open_clip(clip_id, 0, frame, {OBJECT_ID: clip.mask}, restart=True,
-                     downsample_ratio=res.downsample_ratio, reply_dtype="float16" if half else "float32")
-    session.step(frame, {OBJECT_ID: clip.mask})
+    session = _open_both(client, engine, res, clip, clip_id, dtype)
     hop, local, timed = Timing(), Timing(), set()
     t_end = time.perf_counter() + opts.budget_s
     i = 1
@@ -161,17 +175,14 @@ def hop_row(client, service: Service, engine, spec: DeviceSpec, res: Resolution,
             timed.add(i)
         i += 1
     client.close_clip(clip_id)
-    ratio = hop.p50_ms / local.p50_ms
     handled = service.handled_ms(clip_id, timed)
     split = (f"; in the service {statistics.median(handled):.1f} ms, so transport + client "
              f"{hop.p50_ms - statistics.median(handled):.1f} ms" if handled else "")
-    target = _target(res)
     wire = "float16 frames and replies" if half else "float32 frames"
     row = Row("service", spec.label, res.label + (" f16" if half else ""), ckpt.label, frames=hop.n, fps=hop.fps,
               p50_ms=hop.p50_ms, p95_ms=hop.p95_ms,
               peak_mib=mib(service_memory.peak_bytes()) if service_memory else None,
-              value=f"x{ratio:.3f} vs in-process ({ratio - 1:+.1%}, {hop.p50_ms - local.p50_ms:+.0f} ms)",
-              target=target, result=verdict(ratio - 1 <= SERVICE_OVERHEAD_MAX) if target else "",
+              **_versus_in_process(hop, local, res),
               note=f"in-process p50 {local.p50_ms:.1f} ms{split}; {wire}, one frame at a time, tcp"
                    + ("; service RSS peak" if service_memory else ""))
     return announce(row)
@@ -186,11 +197,7 @@ def stream_row(client, service: Service, engine, spec: DeviceSpec, res: Resoluti
     clip = SampleClip(res.width, res.height)
     clip_id = f"bench-stream-{transport}-" + res.label.replace(" ", "-")
     sync = cuda_sync(str(engine.device))
-    session = bench_session(engine, res)
-    frame = _float_frame(clip, 0, np.float16)
-    client.open_clip(clip_id, 0, frame, {OBJECT_ID: clip.mask}, restart=True,
-                     downsample_ratio=res.downsample_ratio, reply_dtype="float16")
-    session.step(frame, {OBJECT_ID: clip.mask})
+    session = _open_both(client, engine, res, clip, clip_id, np.float16)
     hop, local, timed = Timing(), Timing(), set()
     t_end = time.perf_counter() + opts.budget_s
     i, block = 1, 0
@@ -214,15 +221,11 @@ def stream_row(client, service: Service, engine, spec: DeviceSpec, res: Resoluti
         i += STREAM_BLOCK
         block += 1
     client.close_clip(clip_id)
-    ratio = hop.p50_ms / local.p50_ms
-    target = _target(res)
     handled = service.handled_ms(clip_id, timed)
     split = (f"; the service's own time {statistics.median(handled):.1f} ms a request (decode, step, encode)"
              if handled else "")
     row = Row("service", spec.label, f"{res.label} f16 x2 {transport}", ckpt.label, frames=hop.n * STREAM_BLOCK,
-              fps=hop.fps, p50_ms=hop.p50_ms, p95_ms=hop.p95_ms,
-              value=f"x{ratio:.3f} vs in-process ({ratio - 1:+.1%}, {hop.p50_ms - local.p50_ms:+.0f} ms)",
-              target=target, result=verdict(ratio - 1 <= SERVICE_OVERHEAD_MAX) if target else "",
+              fps=hop.fps, p50_ms=hop.p50_ms, p95_ms=hop.p95_ms, **_versus_in_process(hop, local, res),
               note=f"in-process p50 {local.p50_ms:.1f} ms a frame; float16 frames and replies, 2 frames in flight "
                    f"(matte_stream), {transport}; medians of blocks of {STREAM_BLOCK} frames{split}")
     return announce(row)
@@ -234,9 +237,8 @@ def run_service(specs: list[DeviceSpec], resolutions: list[Resolution], ckpt: Ch
     for spec in one_spec_per_device(specs):
         reason = spec.missing_reason()
         if reason:
-            rows.extend(not_measured("service", spec.label, res.label, ckpt.label, reason,
-                                     f"<= +{SERVICE_OVERHEAD_MAX:.0%} at {SERVICE_TARGET_SIZE}"
-                                     if res.size == SERVICE_TARGET_SIZE else "") for res in resolutions)
+            rows.extend(not_measured("service", spec.label, res.label, ckpt.label, reason, _target(res))
+                        for res in resolutions)
             continue
         rows.extend(_rows_on(spec, resolutions, ckpt, opts, workdir, variants_at))
         free_memory(spec.device)
