@@ -112,9 +112,7 @@ class OAVMClient:
         if reply_dtype not in REPLY_DTYPES:
             raise OAVMServiceError(ErrorCode.BAD_REQUEST, f"reply_dtype is {reply_dtype!r}; use one of "
                                                           f"{', '.join(REPLY_DTYPES)}")
-        if direction not in (1, -1):
-            raise OAVMServiceError(ErrorCode.BAD_REQUEST, f"direction is {direction!r}; use +1 (forward) or -1 "
-                                                          f"(backward from the keyframe)")
+        direction = _direction(direction)
         if downsample_ratio is not None and not 0 < float(downsample_ratio) <= 1:
             raise OAVMServiceError(ErrorCode.BAD_REQUEST, f"downsample_ratio is {downsample_ratio!r}; use a number in "
                                                           f"(0, 1] or None for automatic")
@@ -123,7 +121,7 @@ class OAVMClient:
                                                         "{'actor': mask}")
         frame_buf = _frame_buffer(frame, channels)
         buffers = [frame_buf, *(_mask_buffer(obj, m, frame_buf.array.shape[:2]) for obj, m in masks.items())]
-        return self._matte_request(Op.OPEN_CLIP, clip_id, frame_index, buffers, direction=int(direction),
+        return self._matte_request(Op.OPEN_CLIP, clip_id, frame_index, buffers, direction=direction,
                                    restart=bool(restart), want_foreground=bool(want_foreground),
                                    reply_dtype=reply_dtype,
                                    downsample_ratio=None if downsample_ratio is None else float(downsample_ratio))
@@ -147,9 +145,7 @@ class OAVMClient:
         """
         if not 1 <= in_flight <= MAX_IN_FLIGHT:
             raise OAVMServiceError(ErrorCode.BAD_REQUEST, f"in_flight is {in_flight!r}; use 1 to {MAX_IN_FLIGHT}")
-        if direction not in (1, -1):
-            raise OAVMServiceError(ErrorCode.BAD_REQUEST, f"direction is {direction!r}; use +1 or -1")
-        clip_id, index = _clip_id(clip_id), _frame_index(first_index)
+        clip_id, index, direction = _clip_id(clip_id), _frame_index(first_index), _direction(direction)
         source = iter(frames)
         pending: deque[tuple[str, list, float]] = deque()    # (request id, parts, megabytes) in sending order
 
@@ -412,6 +408,13 @@ def _object_id(obj_id: str) -> str:
     if not isinstance(obj_id, str) or not obj_id:
         raise OAVMServiceError(ErrorCode.BAD_INPUT, f"object id {obj_id!r}: use a non-empty string, e.g. 'actor'")
     return obj_id
+
+
+def _direction(direction: int) -> int:
+    if direction not in (1, -1):
+        raise OAVMServiceError(ErrorCode.BAD_REQUEST, f"direction is {direction!r}; use +1 (forward) or -1 "
+                                                      f"(backward from the keyframe)")
+    return int(direction)
 
 
 def _frame_index(frame_index: int) -> int:
