@@ -8,8 +8,8 @@ A recipe reads its real footage through the RVM teacher cache (:class:`data.Teac
 and pseudo-alpha at the training size) and its backgrounds as image files. A pack holds exactly that, at each
 stage's training size and nothing larger: the cached sequences the recipe selects (hold-outs stay out), the
 background frames cover-cropped to the training size, JPEG for colour (quality 95; the cached uint8 frames change
-by a few levels) and PNG for labels and each object's alpha (exact). The recipe for ``configs/local.toml`` packs into about
-20 MB, against 80 MB of source footage plus 58 MB of teacher cache, and the machine that trains from it needs
+by a few levels) and PNG for labels and each object's alpha (exact). The recipe ``configs/local.toml`` packs into
+26 MB, against 80 MB of source footage plus 58 MB of teacher cache, and the machine that trains from it needs
 neither ``../shared/data`` nor the RVM model.
 
 A pack is keyed by the recipe's own strings (each source's ``root`` and ``name``, each background's ``root`` and

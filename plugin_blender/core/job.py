@@ -4,9 +4,10 @@
 One run is: ``open_clip`` at the prompt frame with one mask per object (``restart=True``: whatever the service
 still holds for this clip id is replaced), then every following frame in order, as the service expects
 (architecture.md: frame k is followed by k + 1), through ``matte_stream``: the next frame is already at the service
-while this one's mattes are written, so reading and writing plates here overlaps the network's work there. "Re-prompt at frame k" is the same run started at k,
-with the artist's corrected masks for some objects and, for the others, their own matte at k as the prompt
-(:func:`reprompt_prompts`), so the run replaces every frame from k on and keeps the frames before it.
+while this one's mattes are written, so reading and writing plates here overlaps the network's work there.
+"Re-prompt at frame k" is the same run started at k, with the artist's corrected masks for some objects and, for
+the others, their own matte at k as the prompt (:func:`reprompt_prompts`), so the run replaces every frame from k
+on and keeps the frames before it.
 
 The job holds no ``bpy`` data: the add-on gathers a :class:`MatteJob` on Blender's main thread and runs it
 either right there (headless, synchronous) or in a worker thread (core/worker.py).
