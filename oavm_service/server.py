@@ -10,13 +10,16 @@ restored, transparently, by their next request. SIGINT/SIGTERM finish the reques
 still queued with ``busy``, save every clip to the state directory and exit 0; a service started again on the same
 state directory continues those clips.
 
+A client on the same machine may put a request's pixels in shared memory (shared/shared_memory.py) instead of the
+message. The service maps such segments read-only, only its own user's and only while it listens on loopback;
+``--no-shared-memory`` turns it off.
+
 The wire format is shared/protocol.py (docs/protocol.md lists the ops).
 """
 from __future__ import annotations
 
 import argparse
 import hashlib
-import ipaddress
 import logging
 import os
 import re
@@ -36,7 +39,8 @@ from oavm_service.errors import CheckpointError, OAVMInputError
 from oavm_service.heap import release_freed_memory
 from shared.protocol import (DEFAULT_ENDPOINT, MAX_HEADER_BYTES, MAX_IN_FLIGHT, PROTOCOL_VERSION, REPLY_DTYPES,
                              ErrorCode, Limits, Message, OAVMServiceError, Op, ProtocolError, decode_message,
-                             encode_message, error_header, layer_buffers, reply_header, to_rgb)
+                             encode_message, error_header, is_loopback, layer_buffers, reply_header, to_rgb)
+from shared.shared_memory import ALIGN, SegmentMap, default_dir
 
 if TYPE_CHECKING:  # the engine pulls in torch; `oavm serve --help` and `oavm keygen` should not wait for it
     from oavm_service.engine import ClipSession, Engine, Matte
@@ -70,6 +74,7 @@ class ServeConfig:
     log_level: str = "info"
     allow_remote: bool = False
     curve_dir: Path | None = None
+    shared_memory: bool = True             # map local clients' shared-memory segments (loopback, Linux only)
 
     @property
     def limits(self) -> Limits:
@@ -77,22 +82,6 @@ class ServeConfig:
 
 
 # ------------------------------------------------------------------------------------------------ endpoints
-def is_loopback(endpoint: str) -> bool:
-    """Whether ``endpoint`` can only be reached from this machine (tcp on a loopback address, ipc, inproc)."""
-    transport, _, address = endpoint.partition("://")
-    if transport in ("ipc", "inproc"):
-        return True
-    if transport != "tcp":
-        return False
-    host = address.rsplit(":", 1)[0].strip("[]")
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:      # "*", an interface name or a host name: beyond loopback
-        return False
-
-
 def check_exposure(config: ServeConfig) -> None:
     """Refuse to listen beyond loopback unless asked to with --allow-remote and CURVE keys (an open port would let
     anyone on the network send frames, read files through matte_file and fill the disk)."""
@@ -238,6 +227,10 @@ class Service:
         self.limits = config.limits
         self.loopback = is_loopback(config.endpoint)
         self.store = ClipStore(engine, config.state_dir, config.max_clips)
+        shm_dir = default_dir() if config.shared_memory and self.loopback else None
+        # a client's segment holds the pixels of MAX_IN_FLIGHT requests, each buffer aligned
+        slot = self.limits.max_message_bytes + ALIGN * (self.limits.max_buffers + 2)
+        self.segments = SegmentMap(shm_dir, max_segment_bytes=ALIGN + MAX_IN_FLIGHT * slot) if shm_dir else None
         self.started = time.time()
         self.handlers: dict[str, Callable[[Message], tuple[dict, list]]] = {
             Op.STATUS: self._status, Op.OPEN_CLIP: self._open_clip, Op.MATTE: self._matte,
@@ -246,11 +239,13 @@ class Service:
             Op.CLOSE_CLIP: self._close_clip}
 
     def handle(self, parts: list) -> tuple[list, Message | None, str]:
-        """(reply parts, the decoded request if it decoded, "ok" or the error code) for one request."""
+        """(reply parts, the request (only its header if it did not decode; None if not even that), "ok" or the
+        error code) for one request."""
         try:
-            msg = decode_message(parts, self.limits)
+            msg = decode_message(parts, self.limits, shared_memory=self.segments.memory if self.segments else None)
         except ProtocolError as exc:
-            return encode_message(error_header(exc.header, exc.code, exc.message)), None, exc.code
+            readable = Message(exc.header) if exc.header.get("op") in Op.ALL else None   # for the log line
+            return encode_message(error_header(exc.header, exc.code, exc.message)), readable, exc.code
         clip = self.store.peek(msg.clip) if msg.clip else None
         key = _request_key(msg)
         if clip is not None and key in clip.replies:
@@ -300,8 +295,25 @@ class Service:
             "limits": {"max_clips": self.config.max_clips, "max_frame_pixels": self.limits.max_frame_pixels,
                        "max_message_bytes": self.limits.max_message_bytes},
             "loopback": self.loopback, "matte_file": self.loopback, "uptime_s": round(time.time() - self.started, 1),
+            "shared_memory": self._shared_memory(msg.args.get("shm_probe")),
         }
         return reply_header(msg.header, result=result), []
+
+    def _shared_memory(self, probe: Any) -> dict[str, Any]:
+        """Whether this service maps clients' segments, how many it holds, and, for a client's ``shm_probe``
+        ({path, size, token}), "ok" if it can use that segment or why not."""
+        info: dict[str, Any] = {"enabled": self.segments is not None,
+                                "segments": len(self.segments) if self.segments else 0}
+        if probe is not None:
+            if self.segments is None:
+                info["probe"] = ("this service takes no shared memory (" + (
+                    "started with --no-shared-memory" if not self.config.shared_memory else
+                    "it listens beyond loopback" if not self.loopback else "no /dev/shm on this system") + ")")
+            elif not isinstance(probe, dict):
+                info["probe"] = "'shm_probe' must be a map {path, size, token}"
+            else:
+                info["probe"] = self.segments.probe(probe, probe.get("token"))
+        return info
 
     def _device_memory(self) -> int | None:
         """Bytes the engine's GPU holds (model, clips, caches); None on the CPU."""
@@ -662,6 +674,9 @@ def _serve_parser() -> argparse.ArgumentParser:
                    help="allow an endpoint other machines can reach (needs --curve-dir)")
     p.add_argument("--curve-dir", type=Path, default=None,
                    help="CURVE keys made by `oavm keygen DIR`: encrypt, and admit only clients in DIR/clients")
+    p.add_argument("--no-shared-memory", dest="shared_memory", action="store_false",
+                   help="take pixels only in the messages, never from local clients' shared memory (/dev/shm), "
+                        "which is otherwise used on loopback (docs/protocol.md)")
     return p
 
 
@@ -695,7 +710,9 @@ def main_serve(argv: list[str] | None = None) -> int:
     print(f"OAVM service listening on {config.endpoint} (protocol {PROTOCOL_VERSION}; device {engine.device}, "
           f"{engine.precision}{', CUDA graphs' if engine.cuda_graphs else ''}; checkpoint {info.get('path')} "
           f"sha256 {str(info.get('sha256', ''))[:12]}; "
-          f"{'CURVE' if config.curve_dir else 'no encryption, loopback only'}; max {config.max_clips} clips; "
+          f"{'CURVE' if config.curve_dir else 'no encryption, loopback only'}; "
+          f"{'shared memory for local clients' if service.segments else 'pixels in the messages only'}; "
+          f"max {config.max_clips} clips; "
           f"state dir {config.state_dir})", flush=True)
     return server.run()
 

@@ -6,6 +6,10 @@ reply, else close the socket, open a fresh one and send again, at most ``retries
 OAVMServiceUnavailable. Replies that carry an older request id are discarded. The service answers a resent request
 from its per-clip reply cache, so a retry never advances a clip twice.
 
+On the service's machine (a loopback endpoint, Linux) frames and masks go through shared memory
+(``shared_memory.py``) once a probe has shown that the service reads the client's segment; otherwise, and whenever
+the service cannot use it, they travel in the messages, as the mattes always do. ``shm_verdict`` says which and why.
+
 Not thread-safe (ZeroMQ sockets are not): use one client per thread. Imports only numpy, pyzmq, msgpack and the
 standard library.
 """
@@ -24,8 +28,10 @@ import numpy as np
 import zmq
 
 from .protocol import (DEFAULT_ENDPOINT, DTYPES, MAX_IN_FLIGHT, REPLY_DTYPES, Buffer, ErrorCode, Limits, Message,
-                       OAVMServiceError, OAVMServiceUnavailable, Op, ProtocolError, decode_message, default_channels,
-                       encode_message, layers_from_buffers, raise_for_error, request_header, rgb_order, to_mask)
+                       OAVMServiceError, OAVMServiceUnavailable, Op, ProtocolError, Region, decode_message,
+                       default_channels, encode_message, is_loopback, layers_from_buffers, raise_for_error,
+                       request_header, rgb_order, to_mask)
+from .shared_memory import ALIGN, Segment, SharedMemoryError, aligned, default_dir
 
 __all__ = ["DEFAULT_ENDPOINT", "MatteResult", "OAVMClient", "load_curve_keys"]
 
@@ -69,13 +75,14 @@ class OAVMClient:
     ``[python, "-m", "oavm_service", "serve", ...]``); it is started detached, so it outlives the host's
     operation, and its output goes to ``oavm-service-autostart.log`` in the temp folder. ``autostarted`` is its
     Popen. ``server_public_key`` (and ``client_keys``, a (public, secret) pair) turn on CURVE encryption for a
-    service beyond loopback; see load_curve_keys.
+    service beyond loopback; see load_curve_keys. ``shared_memory=False`` sends frames in the messages even when
+    the service is on this machine.
     """
 
     def __init__(self, endpoint: str = DEFAULT_ENDPOINT, *, timeout_s: float = 30.0, retries: int = 3,
                  autostart: list[str] | None = None, server_public_key: bytes | None = None,
                  client_keys: tuple[bytes, bytes] | None = None, connect_timeout_s: float = 3.0,
-                 autostart_wait_s: float = 120.0):
+                 autostart_wait_s: float = 120.0, shared_memory: bool = True):
         if timeout_s <= 0 or retries < 0 or connect_timeout_s <= 0:
             raise ValueError("timeout_s and connect_timeout_s must be > 0 and retries >= 0")
         self.endpoint = endpoint
@@ -93,6 +100,14 @@ class OAVMClient:
         self._counter = 0
         self._answered = False            # has any reply arrived (then autostart is no longer considered)
         self._service_limits: dict[str, int] | None = None
+        # shared memory: the folder (None: not on this machine or not wanted), the segment, its slots' size, and
+        # the verdict of the service's probe ("ok", or why the frames travel in the messages)
+        self._shm_dir = default_dir() if shared_memory and is_loopback(endpoint) else None
+        self._segment: Segment | None = None
+        self._slot_bytes = 0
+        self.shm_verdict: str | None = (None if self._shm_dir else "not used: " + (
+            "turned off (shared_memory=False)" if not shared_memory else
+            "the service is not on this machine" if not is_loopback(endpoint) else "no /dev/shm on this system"))
 
     # ------------------------------------------------------------------------------------------------ ops
     def status(self) -> dict:
@@ -147,20 +162,22 @@ class OAVMClient:
             raise OAVMServiceError(ErrorCode.BAD_REQUEST, f"in_flight is {in_flight!r}; use 1 to {MAX_IN_FLIGHT}")
         clip_id, index, direction = _clip_id(clip_id), _frame_index(first_index), _direction(direction)
         source = iter(frames)
-        pending: deque[tuple[str, list, float]] = deque()    # (request id, parts, megabytes) in sending order
+        pending: deque[_Pending] = deque()    # in sending order
+        sent = 0
 
         def send_next() -> None:
-            nonlocal index
+            nonlocal index, sent
             frame = next(source, None)
             if frame is None:
                 return
             buf = _frame_buffer(frame, channels)
             self._check_size(buf.array.nbytes)
-            request_id = self._next_id()
-            parts = encode_message(request_header(Op.MATTE, request_id, clip=clip_id, frame=index), [buf])
-            pending.append((request_id, parts, buf.array.nbytes / 2**20))
+            request = _Pending(Op.MATTE, clip_id, index, [buf], {}, slot=sent % in_flight)
+            self._encode(request, growable=not pending)
+            pending.append(request)
             index += direction
-            if not self._send(parts):
+            sent += 1
+            if not self._send(request.parts):
                 self._resend(pending)
 
         self._maybe_autostart()
@@ -169,24 +186,28 @@ class OAVMClient:
         for _ in range(in_flight):
             send_next()
         while pending:
-            reply = self._await_reply(self._socket(), pending[0][0], self.timeout_s)
+            reply = self._await_reply(self._socket(), pending[0].request_id, self.timeout_s)
             attempts = 1
             while reply is None:
                 if attempts > self.retries:
+                    self._retire_segment()   # the service may still read the unanswered frames from it
                     raise OAVMServiceUnavailable(
                         f"no OAVM service answers at {self.endpoint} (op matte of a stream, {_tries(attempts)} of "
-                        f"{self.timeout_s:g} s, {pending[0][2]:.0f} MiB sent); start it with `oavm serve --endpoint "
-                        f"{self.endpoint}`, or check the endpoint and keys in the plug-in settings")
+                        f"{self.timeout_s:g} s, {pending[0].megabytes:.0f} MiB sent); start it with `oavm serve "
+                        f"--endpoint {self.endpoint}`, or check the endpoint and keys in the plug-in settings")
                 self._reset_socket()         # a late reply to the old socket must not be read as a newer one's
                 self._resend(pending)
                 attempts += 1
-                reply = self._await_reply(self._socket(), pending[0][0], self.timeout_s)
+                reply = self._await_reply(self._socket(), pending[0].request_id, self.timeout_s)
             self._answered = True
+            if self._shared_memory_refused(reply, pending[0]):
+                for request in pending:      # none of them was matted: all again, in the messages
+                    self._encode(request, growable=False)
+                self._resend(pending)
+                continue
             pending.popleft()
             send_next()                      # before the caller sees this result: keep the service busy
-            reply = raise_for_error(reply)
-            yield MatteResult(reply.clip, reply.frame, layers_from_buffers(reply.buffers),
-                              dict(reply.header.get("result") or {}))
+            yield self._matte_result(raise_for_error(reply))
 
     def matte_file(self, clip_id: str, frame_index: int, path: str | os.PathLike, *, colorspace: str = "auto"
                    ) -> MatteResult:
@@ -227,8 +248,10 @@ class OAVMClient:
         self._request(Op.CLOSE_CLIP, clip=_clip_id(clip_id))
 
     def close(self) -> None:
-        """Close the socket. An autostarted service keeps running for the next client."""
+        """Close the socket and remove the shared-memory segment. An autostarted service keeps running for the next
+        client."""
         self._reset_socket()
+        self._retire_segment()
         if not self._ctx.closed:
             self._ctx.term()
 
@@ -248,6 +271,9 @@ class OAVMClient:
     def _matte_request(self, op: str, clip_id: str, frame_index: int, buffers: Sequence[Buffer], **args: Any
                        ) -> MatteResult:
         reply = self._request(op, clip=_clip_id(clip_id), frame=_frame_index(frame_index), buffers=buffers, **args)
+        return self._matte_result(reply)
+
+    def _matte_result(self, reply: Message) -> MatteResult:
         return MatteResult(reply.clip, reply.frame, layers_from_buffers(reply.buffers),
                            dict(reply.header.get("result") or {}))
 
@@ -255,16 +281,84 @@ class OAVMClient:
                  buffers: Sequence[Buffer] = (), **args: Any) -> Message:
         self._maybe_autostart()
         self._check_size(sum(b.array.nbytes for b in buffers))
-        request_id = self._next_id()
-        parts = encode_message(request_header(op, request_id, clip=clip, frame=frame, **args), buffers)
-        reply = self._exchange(parts, request_id, attempts=1 + self.retries, timeout_s=self.timeout_s)
-        if reply is None:
-            megabytes = sum(b.array.nbytes for b in buffers) / 2**20
-            raise OAVMServiceUnavailable(
-                f"no OAVM service answers at {self.endpoint} (op {op}, {_tries(1 + self.retries)} of "
-                f"{self.timeout_s:g} s{f', {megabytes:.0f} MiB sent' if megabytes >= 1 else ''}); start it with "
-                f"`oavm serve --endpoint {self.endpoint}`, or check the endpoint and keys in the plug-in settings")
-        return raise_for_error(reply)
+        request = _Pending(op, clip, frame, list(buffers), args)
+        while True:
+            self._encode(request, growable=True)
+            reply = self._exchange(request.parts, request.request_id, attempts=1 + self.retries,
+                                   timeout_s=self.timeout_s)
+            if reply is None:
+                self._retire_segment()       # the service may still read this request's pixels from it
+                raise OAVMServiceUnavailable(
+                    f"no OAVM service answers at {self.endpoint} (op {op}, {_tries(1 + self.retries)} of "
+                    f"{self.timeout_s:g} s{f', {request.megabytes:.0f} MiB sent' if request.megabytes >= 1 else ''});"
+                    f" start it with `oavm serve --endpoint {self.endpoint}`, or check the endpoint and keys in the "
+                    f"plug-in settings")
+            if not self._shared_memory_refused(reply, request):
+                return raise_for_error(reply)
+
+    # ------------------------------------------------------------------------------------------ shared memory
+    def _encode(self, request: "_Pending", *, growable: bool) -> None:
+        """Give ``request`` a fresh id and its parts: pixels in its slot of the shared-memory segment when the
+        service can use it, else in the message. ``growable``: no request is in flight, so the segment may be
+        replaced by a larger one."""
+        request.request_id = self._next_id()
+        header = request_header(request.op, request.request_id, clip=request.clip, frame=request.frame,
+                                **request.args)
+        region = self._slot(request, growable) if request.buffers else None
+        request.parts = encode_message(header, request.buffers, region=region)
+        request.shared = region is not None
+
+    def _slot(self, request: "_Pending", growable: bool) -> Region | None:
+        """Where in the segment (slot ``request.slot``) the request's buffers go, or None when they travel in the
+        message (no shared memory here, or the slot is too small and a request is in flight)."""
+        if self._shm_dir is None or self.shm_verdict not in (None, "ok"):
+            return None
+        needed = sum(aligned(b.array.nbytes) for b in request.buffers) + ALIGN
+        if needed > self._slot_bytes:
+            if not growable:
+                return None
+            self._retire_segment()
+            try:
+                self._segment = Segment(ALIGN + MAX_IN_FLIGHT * needed, self._shm_dir)
+            except SharedMemoryError as exc:
+                self.shm_verdict = f"not used: {exc}"
+                return None
+            self._slot_bytes = needed
+        if self.shm_verdict is None:         # the first segment: can the service read it?
+            try:
+                self._probe()
+            finally:
+                if self.shm_verdict != "ok":     # refused, or no answer (raised): a fresh segment next time
+                    self._retire_segment()
+            if self.shm_verdict != "ok":
+                return None
+        return Region(self._segment.path, self._segment.memory, ALIGN + request.slot * self._slot_bytes,
+                      self._slot_bytes)
+
+    def _probe(self) -> None:
+        """Ask the service whether it sees our segment (same machine, same user, shared memory on)."""
+        segment = self._segment
+        probe = {**segment.ref, "token": segment.token.hex()}
+        verdict = self._request(Op.STATUS, shm_probe=probe).header.get("result", {}).get("shared_memory", {})
+        verdict = verdict.get("probe") if isinstance(verdict, dict) else None
+        self.shm_verdict = "ok" if verdict == "ok" else f"not used: {verdict or 'the service does not offer it'}"
+
+    def _shared_memory_refused(self, reply: Message, request: "_Pending") -> bool:
+        """True (and shared memory is off from now on) when the service could not use the request's shared
+        memory: the caller sends it again in the message."""
+        error = reply.header.get("error") or {}
+        if reply.header.get("ok") or not request.shared or error.get("code") != ErrorCode.SHARED_MEMORY:
+            return False
+        self.shm_verdict = f"not used: {error.get('message', 'the service refused it')}"
+        self._retire_segment()
+        return True
+
+    def _retire_segment(self) -> None:
+        """Remove the segment; the next request gets a fresh one. Called when requests that use it were given up:
+        the service may still read them, so nothing may be written into it again."""
+        if self._segment is not None:
+            self._segment.close()
+            self._segment, self._slot_bytes = None, 0
 
     def _next_id(self) -> str:
         self._counter += 1
@@ -280,10 +374,10 @@ class OAVMClient:
             self._reset_socket()
             return False
 
-    def _resend(self, pending: Sequence[tuple[str, list, float]]) -> None:
+    def _resend(self, pending: Sequence["_Pending"]) -> None:
         """Send the unanswered requests of a stream again, in order, on the current (fresh) socket."""
-        for _, parts, _ in pending:
-            if not self._send(parts):
+        for request in pending:
+            if not self._send(request.parts):
                 return                       # nobody there: the wait for the first reply times out and retries
 
     def _exchange(self, parts: list, request_id: str, *, attempts: int, timeout_s: float) -> Message | None:
@@ -376,6 +470,25 @@ class OAVMClient:
         request_id = self._next_id()
         parts = encode_message(request_header(Op.STATUS, request_id))
         return self._exchange(parts, request_id, attempts=1, timeout_s=min(self.timeout_s, timeout_s)) is not None
+
+
+@dataclass
+class _Pending:
+    """A request as the client keeps it until answered: what to send (again, or re-encoded without shared memory),
+    its id and parts as last encoded, its slot in the shared-memory segment, whether it used it."""
+    op: str
+    clip: str | None
+    frame: int | None
+    buffers: list[Buffer]
+    args: dict[str, Any]
+    slot: int = 0
+    request_id: str = ""
+    parts: list = field(default_factory=list)
+    shared: bool = False
+
+    @property
+    def megabytes(self) -> float:
+        return sum(b.array.nbytes for b in self.buffers) / 2**20
 
 
 def _spawn_detached(argv: list[str], log_path: Path) -> subprocess.Popen:

@@ -9,6 +9,12 @@ A message is a ZeroMQ multipart message ``[header, *buffers]``:
 * each buffer part is the raw C-order bytes of one array (float16, float32, uint8 or uint16), so frames travel
   without pickling and are read back with ``np.frombuffer`` without a copy.
 
+Between a client and a service on one machine a request's pixels may instead lie in shared memory
+(``shared_memory.py``): the header's ``shm`` names the client's segment, ``{"path", "size"}``, and a descriptor with
+``"at": offset`` has no part of its own, its bytes lie in the segment from that offset. Replies always carry their
+buffers as parts. A client learns whether the service can read its segment from a ``status`` request with
+``args.shm_probe`` (docs/protocol.md).
+
 A reply has the same shape; it adds ``ok`` and either ``result`` (plain values) and the matte buffers, one
 ``alpha`` and one ``fgmask`` per object id (optionally ``fg``, the premultiplied foreground), or ``error``:
 ``{"code", "message"}`` where the message says what to do next. docs/protocol.md is the table of ops.
@@ -17,13 +23,16 @@ Only numpy, pyzmq, msgpack and the standard library are imported: this module ru
 """
 from __future__ import annotations
 
+import ipaddress
 import math
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import msgpack
 import numpy as np
 import zmq
+
+from .shared_memory import SharedMemoryError, aligned
 
 PROTOCOL_VERSION = 1
 DEFAULT_ENDPOINT = "tcp://127.0.0.1:5590"
@@ -60,8 +69,10 @@ class ErrorCode:
     TOO_LARGE = "too_large"                # frame or message beyond the service's limits
     VERSION_MISMATCH = "version_mismatch"  # another protocol version
     BUSY = "busy"                          # the service is shutting down; retry later
+    SHARED_MEMORY = "shared_memory"        # the request's shared memory cannot be used here: send the pixels as parts
     INTERNAL = "internal"                  # a bug or a device failure; the service log has the traceback
-    ALL = (BAD_REQUEST, BAD_INPUT, UNKNOWN_CLIP, OUT_OF_ORDER, TOO_LARGE, VERSION_MISMATCH, BUSY, INTERNAL)
+    ALL = (BAD_REQUEST, BAD_INPUT, UNKNOWN_CLIP, OUT_OF_ORDER, TOO_LARGE, VERSION_MISMATCH, BUSY, SHARED_MEMORY,
+           INTERNAL)
 
 
 class OAVMServiceError(Exception):
@@ -119,6 +130,16 @@ class Buffer:
 
 
 @dataclass
+class Region:
+    """Bytes [start, start + nbytes) of a shared-memory segment (``memory`` maps all of it), where a request's
+    buffers are written instead of travelling as parts."""
+    path: str
+    memory: memoryview
+    start: int
+    nbytes: int
+
+
+@dataclass
 class Message:
     """A decoded message: its header (without the buffer descriptors) and its buffers, in order."""
     header: dict[str, Any]
@@ -153,6 +174,22 @@ class Message:
         return {b.object: b for b in self.buffers if b.name == name and b.object is not None}
 
 
+def is_loopback(endpoint: str) -> bool:
+    """Whether ``endpoint`` can only be reached from this machine (tcp on a loopback address, ipc, inproc)."""
+    transport, _, address = endpoint.partition("://")
+    if transport in ("ipc", "inproc"):
+        return True
+    if transport != "tcp":
+        return False
+    host = address.rsplit(":", 1)[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:      # "*", an interface name or a host name: beyond loopback
+        return False
+
+
 # ------------------------------------------------------------------------------------------------ headers
 def request_header(op: str, request_id: str | int, *, clip: str | None = None, frame: int | None = None,
                    **args: Any) -> dict[str, Any]:
@@ -183,11 +220,15 @@ def raise_for_error(reply: Message) -> Message:
 
 
 # ------------------------------------------------------------------------------------------------ encode
-def encode_message(header: Mapping[str, Any], buffers: Sequence[Buffer] = ()) -> list:
+def encode_message(header: Mapping[str, Any], buffers: Sequence[Buffer] = (), *, region: Region | None = None
+                   ) -> list:
     """``[msgpack header, *arrays]``, ready for ``socket.send_multipart(parts, copy=False)``.
 
     The arrays themselves are the parts (made C-contiguous, which is a no-op for the usual frame), so pyzmq sends
     big frames without copying them; the caller must not modify them until the send returns.
+
+    With a ``region`` (requests only) the buffers are copied into it, in order, as long as they fit (the rest go as
+    parts): one copy into memory the service maps, instead of two through the kernel.
     """
     arrays = []
     for buf in buffers:
@@ -200,18 +241,34 @@ def encode_message(header: Mapping[str, Any], buffers: Sequence[Buffer] = ()) ->
             array = array.astype(DTYPES[array.dtype.name])
         arrays.append(array)
     described = [Buffer(b.name, a, b.channels, b.object).describe() for b, a in zip(buffers, arrays)]
+    parts = arrays
+    if region is not None:
+        parts = []
+        offset, end = aligned(region.start), region.start + region.nbytes
+        for desc, array in zip(described, arrays):
+            if offset + array.nbytes <= end:
+                np.frombuffer(region.memory, array.dtype, array.size, offset).reshape(array.shape)[...] = array
+                desc["at"] = offset
+                offset = aligned(offset + array.nbytes)
+            else:
+                parts.append(array)
     head = {**header, "v": PROTOCOL_VERSION, "buffers": described}
-    return [msgpack.packb(head, use_bin_type=True), *arrays]
+    if region is not None:
+        head["shm"] = {"path": region.path, "size": region.memory.nbytes}
+    return [msgpack.packb(head, use_bin_type=True), *parts]
 
 
 # ------------------------------------------------------------------------------------------------ decode
 def decode_message(parts: Sequence[zmq.Frame | bytes | memoryview], limits: Limits = Limits(), *,
-                   request: bool = True) -> Message:
+                   request: bool = True, shared_memory: Callable[[Any], memoryview] | None = None) -> Message:
     """Check and decode a received multipart message; the arrays are views of the received bytes (no copy).
 
     Everything is checked against the header before the buffers are touched (declared sizes against ``limits``
     first, so a header claiming 100000x100000 pixels is refused without allocating anything). Raises
     ProtocolError whose ``header`` holds whatever was readable, so that the error reply can echo the request id.
+
+    ``shared_memory`` maps the segment a request's ``shm`` names (the service's ``SegmentMap.memory``); without it
+    a message whose pixels lie in shared memory is refused.
     """
     if not parts:
         raise ProtocolError(ErrorCode.BAD_REQUEST, "empty message: send [msgpack header, *buffers] "
@@ -220,7 +277,10 @@ def decode_message(parts: Sequence[zmq.Frame | bytes | memoryview], limits: Limi
     if request:
         _check_request_fields(header)
     descriptors = _check_descriptors(header, n_parts=len(parts) - 1, limits=limits)
-    buffers = [_array_from(desc, _view(part), header) for desc, part in zip(descriptors, parts[1:])]
+    memory = _shared_memory(header, descriptors, shared_memory)
+    inline = iter(parts[1:])
+    buffers = [_array_from(desc, _view(next(inline)) if desc.at is None else memory[desc.at:desc.at + desc.nbytes],
+                           header) for desc in descriptors]
     header.pop("buffers", None)
     return Message(header, buffers)
 
@@ -276,6 +336,7 @@ class _Descriptor:
     shape: tuple[int, ...]
     channels: str
     object: str | None
+    at: int | None = None       # offset in the header's shared-memory segment; None: the next part
 
     @property
     def nbytes(self) -> int:
@@ -289,11 +350,13 @@ def _check_descriptors(header: dict[str, Any], *, n_parts: int, limits: Limits) 
     if len(raw) > limits.max_buffers:
         raise ProtocolError(ErrorCode.TOO_LARGE, f"{len(raw)} buffers in one message; at most {limits.max_buffers}",
                             header)
-    if len(raw) != n_parts:
-        raise ProtocolError(ErrorCode.BAD_REQUEST,
-                            f"truncated or padded message: the header describes {len(raw)} buffer(s) but "
-                            f"{n_parts} part(s) follow it; send one part per descriptor", header)
     descriptors = [_descriptor(d, i, header) for i, d in enumerate(raw)]
+    n_inline = sum(d.at is None for d in descriptors)
+    if n_inline != n_parts:
+        raise ProtocolError(ErrorCode.BAD_REQUEST,
+                            f"truncated or padded message: the header describes {n_inline} buffer(s) but {n_parts} "
+                            f"part(s) follow it; send one part per descriptor (except those with an offset 'at', "
+                            f"which lie in shared memory)", header)
     for desc in descriptors:
         if len(desc.shape) >= 2 and desc.shape[0] * desc.shape[1] > limits.max_frame_pixels:
             raise ProtocolError(ErrorCode.TOO_LARGE,
@@ -329,7 +392,40 @@ def _descriptor(raw: Any, index: int, header: dict[str, Any]) -> _Descriptor:
         raise bad(f"{name!r} names channels {channels!r} for shape {list(shape)}; name one letter per channel")
     if obj is not None and (not isinstance(obj, str) or not obj or len(obj) > MAX_ID_CHARS):
         raise bad(f"{name!r} has object id {obj!r}; object ids are non-empty strings")
-    return _Descriptor(name, DTYPES[dtype], tuple(shape), channels.upper(), obj)
+    at = raw.get("at")
+    if at is not None and (not _is_int(at) or at < 0):
+        raise bad(f"{name!r} has offset 'at' {at!r}; a byte offset in the shared-memory segment is an integer >= 0")
+    return _Descriptor(name, DTYPES[dtype], tuple(shape), channels.upper(), obj, at)
+
+
+def _shared_memory(header: dict[str, Any], descriptors: list[_Descriptor],
+                   resolve: Callable[[Any], memoryview] | None) -> memoryview | None:
+    """The segment a message's ``shm`` names, checked against the offsets of its buffers (None without one)."""
+    ref = header.get("shm")
+    if ref is None:
+        if any(d.at is not None for d in descriptors):
+            raise ProtocolError(ErrorCode.BAD_REQUEST, "a buffer descriptor has an offset 'at' but the header names "
+                                                       "no shared-memory segment ('shm')", header)
+        return None
+    if resolve is None:
+        raise ProtocolError(ErrorCode.SHARED_MEMORY, "this side takes no shared memory (a service beyond loopback, "
+                                                     "or one started with --no-shared-memory); send the pixels as "
+                                                     "message parts", header)
+    try:
+        memory = resolve(ref)
+    except SharedMemoryError as exc:
+        raise ProtocolError(ErrorCode.SHARED_MEMORY, f"the request's shared memory cannot be used: {exc}; send the "
+                                                     f"pixels as message parts", header) from None
+    for desc in descriptors:
+        if desc.at is not None and desc.at + desc.nbytes > memory.nbytes:
+            raise ProtocolError(ErrorCode.BAD_REQUEST, f"buffer {desc.name!r} lies at bytes {desc.at}-"
+                                                       f"{desc.at + desc.nbytes} of a {memory.nbytes}-byte segment",
+                                header)
+    return memory
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _array_from(desc: _Descriptor, data: memoryview, header: dict[str, Any]) -> Buffer:

@@ -6,6 +6,7 @@ to happen on purpose; the real service is exercised in test_service.py and test_
 """
 from __future__ import annotations
 
+import os
 import sys
 import threading
 import time
@@ -237,13 +238,28 @@ def test_client_converts_bool_masks_and_float64_frames() -> None:
         _answer(sock, parts)
 
     with scripted_peer(reply, 1) as (endpoint, seen, _):
-        with OAVMClient(endpoint, timeout_s=5) as client:
+        with OAVMClient(endpoint, timeout_s=5, shared_memory=False) as client:
             mask = np.zeros((6, 9), bool)
             mask[2:4, 3:5] = True
             client.open_clip("c", 0, np.full((6, 9, 3), 0.5), {"hero": mask})
     frame, sent_mask = seen[0].buffer("frame"), seen[0].per_object("mask")["hero"]
     assert frame.array.dtype == np.float32 and frame.channels == "RGB"
     assert sent_mask.array.dtype == np.uint8 and sent_mask.array.max() == 255 and sent_mask.array.sum() == 4 * 255
+
+
+def test_a_service_that_offers_no_shared_memory_gets_the_frames_in_the_messages() -> None:
+    """An older service (its status knows no ``shared_memory``) is asked once, then sent pixels as before."""
+    with scripted_peer(lambda sock, parts, i: _answer(sock, parts), 3) as (endpoint, seen, _):
+        with OAVMClient(endpoint, timeout_s=5) as client:
+            frame = np.full((6, 9, 3), 0.25, np.float32)
+            client.open_clip("c", 0, frame, {"hero": np.ones((6, 9), np.float32)})
+            client.matte("c", 1, frame)
+            assert client.shm_verdict == "not used: the service does not offer it"
+    probe = seen[0].args["shm_probe"]
+    assert seen[0].op == "status" and set(probe) == {"path", "size", "token"}
+    assert [m.op for m in seen[1:]] == ["open_clip", "matte"] and "shm" not in seen[1].header
+    np.testing.assert_array_equal(seen[2].buffer("frame").array, frame)
+    assert not os.path.exists(probe["path"])                  # the unused segment was removed at once
 
 
 def test_no_service_raises_unavailable_quickly_with_advice() -> None:

@@ -507,6 +507,7 @@ class LossyProxy:
         self.back = self.ctx.socket(zmq.DEALER)
         self.back.connect(service)
         self.drop, self.replies, self.requests = set(drop_replies), 0, 0
+        self.request_bytes: list[int] = []        # of each request as it crossed the socket
         self.running = True
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
@@ -525,6 +526,7 @@ class LossyProxy:
             if self.front in events:
                 client, *body = self.front.recv_multipart()      # the newest socket of the client answers
                 self.requests += 1
+                self.request_bytes.append(sum(len(part) for part in body))
                 self.back.send_multipart(body)
             if self.back in events:
                 reply = self.back.recv_multipart()
@@ -540,11 +542,15 @@ class LossyProxy:
         self.ctx.term()
 
 
-def test_a_stream_that_loses_a_reply_sends_both_frames_again_and_gets_the_same_mattes(service: str, engine) -> None:
+@pytest.mark.parametrize("shared_memory", [True, False], ids=["shared-memory", "in-messages"])
+def test_a_stream_that_loses_a_reply_sends_both_frames_again_and_gets_the_same_mattes(service: str, engine,
+                                                                                      shared_memory: bool) -> None:
     clip, ref = synthetic_clip(15, 5), ReferenceClip(engine)
-    proxy = LossyProxy(service, drop_replies={3})    # 1 open_clip, 2 status (the stream's limits), 3 frame 1
+    # requests: (the shared-memory probe,) open_clip, status (the stream's limits), frame 1: its reply is lost
+    before = 3 if shared_memory else 2
+    proxy = LossyProxy(service, drop_replies={before + 1})
     try:
-        with OAVMClient(proxy.endpoint, timeout_s=2, retries=2) as client:
+        with OAVMClient(proxy.endpoint, timeout_s=2, retries=2, shared_memory=shared_memory) as client:
             client.open_clip("lossy", 0, clip.frames[0], clip.masks[0])
             ref.step(clip.frames[0], clip.masks[0])
             results = list(client.matte_stream("lossy", 1, clip.frames[1:]))
@@ -552,7 +558,129 @@ def test_a_stream_that_loses_a_reply_sends_both_frames_again_and_gets_the_same_m
             for t, result in enumerate(results, start=1):
                 assert_same(result, ref.step(clip.frames[t]))       # each frame matted once, in order
             # frames 1 and 2 went twice (the second time from the reply cache), 3 and 4 once
-            assert proxy.requests == 2 + 4 + 2
+            assert proxy.requests == before + 4 + 2
+            assert client.shm_verdict == "ok" if shared_memory else client.shm_verdict.startswith("not used")
             client.close_clip("lossy")
     finally:
         proxy.close()
+
+
+# ------------------------------------------------------------------------------------------------ shared memory
+def _own_segments() -> list[str]:
+    return [name for name in os.listdir("/dev/shm") if name.startswith(f"oavm-shm-{os.getpid()}-")]
+
+
+def test_frames_go_through_shared_memory_with_the_same_mattes_and_leave_no_file(service: str, engine) -> None:
+    clip = synthetic_clip(21, 6)
+    proxy = LossyProxy(service, drop_replies=set())     # drops nothing: it measures what crosses the socket
+    runs = {}
+    try:
+        for shared in (True, False):
+            with OAVMClient(proxy.endpoint, timeout_s=60, shared_memory=shared) as client:
+                first = len(proxy.request_bytes)
+                clip_id = f"shm-{shared}"
+                results = [client.open_clip(clip_id, 0, clip.frames[0], clip.masks[0])]
+                results += [client.matte(clip_id, t, clip.frames[t]) for t in (1, 2)]
+                results += list(client.matte_stream(clip_id, 3, clip.frames[3:]))
+                status = client.status()["shared_memory"]
+                client.close_clip(clip_id)
+                runs[shared] = results, client.shm_verdict, proxy.request_bytes[first:], status
+                if shared:
+                    assert len(_own_segments()) == 1
+            assert not _own_segments()                  # closing the client removed its segment
+    finally:
+        proxy.close()
+    ref = ReferenceClip(engine)
+    for t, (in_memory, in_messages) in enumerate(zip(runs[True][0], runs[False][0])):
+        expected = ref.step(clip.frames[t], clip.masks[0] if t == 0 else None)
+        assert_same(in_memory, expected)
+        assert_same(in_messages, expected)
+    assert runs[True][1] == "ok" and runs[False][1] == "not used: turned off (shared_memory=False)"
+    assert runs[True][3]["enabled"] and runs[True][3]["segments"] >= 1
+    frame_bytes = clip.frames[0].nbytes
+    assert max(runs[True][2]) < 1024 <= frame_bytes          # headers only: the pixels did not cross the socket
+    assert sorted(runs[False][2])[-6:][0] >= frame_bytes      # six requests carried a frame each
+
+
+def test_shared_memory_is_refused_clearly_for_a_file_that_is_not_a_clients_segment(service: str,
+                                                                                   tmp_path: Path) -> None:
+    frame = np.zeros((H, W, 3), np.float32)
+    described = [dict(Buffer("frame", frame, "RGB").describe(), at=64)]
+
+    def request(shm: dict) -> Message:
+        head = {**request_header("matte", "shm-1", clip="nope", frame=0), "v": PROTOCOL_VERSION,
+                "buffers": described, "shm": shm}
+        return raw_request(service, [msgpack.packb(head)])
+
+    plain = tmp_path / "plain.bin"
+    plain.write_bytes(bytes(frame.nbytes + 64))
+    cases = [({"path": str(plain), "size": frame.nbytes + 64}, "not a segment this service maps"),
+             ({"path": "/dev/shm/oavm-shm-1-0123456789abcdef", "size": frame.nbytes + 64}, "cannot open"),
+             ({"path": "/etc/passwd", "size": 10}, "not a segment this service maps"),
+             ({"path": 7}, "must be a map {path, size}")]
+    for shm, words in cases:
+        reply = request(shm)
+        assert reply.header["error"]["code"] == ErrorCode.SHARED_MEMORY, shm
+        assert words in reply.header["error"]["message"] and "send the pixels as message parts" in \
+            reply.header["error"]["message"]
+    with OAVMClient(service, timeout_s=30) as client:      # still serving
+        assert client.status()["shared_memory"]["enabled"]
+
+
+def test_a_client_whose_shared_memory_cannot_be_reserved_sends_the_frames_in_the_messages(service: str,
+                                                                                          engine) -> None:
+    """/dev/shm full (a container's 64 MB, here a 4 KiB file size limit): the segment is refused when it is made, the
+    frames go in the messages, and nothing crashes later on a write into memory that is not there."""
+    import subprocess
+    import sys
+    import tempfile
+
+    clip = synthetic_clip(23, 2)
+    script = (
+        "import resource, signal, sys, numpy as np\n"
+        "from shared.client import OAVMClient\n"
+        "frames = np.load(sys.argv[2])\n"
+        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))\n"
+        "with OAVMClient(sys.argv[1], timeout_s=60) as c:\n"
+        "    c.open_clip('full', 0, frames[0], {'hero': frames[2][..., 0]})\n"
+        "    r = c.matte('full', 1, frames[1])\n"
+        "    c.close_clip('full')\n"
+        "print(c.shm_verdict)\n"
+        "print(r.layers['hero']['alpha'].tobytes().hex())\n")
+    with tempfile.TemporaryDirectory() as tmp:
+        np.save(f"{tmp}/in.npy", np.stack([clip.frames[0], clip.frames[1],
+                                           np.repeat(clip.masks[0]["hero"][..., None], 3, -1)]))
+        done = subprocess.run([sys.executable, "-c", script, service, f"{tmp}/in.npy"], capture_output=True,
+                              text=True, cwd=Path(__file__).resolve().parents[1], timeout=120,
+                              env=dict(os.environ, PYTHONDONTWRITEBYTECODE="1"))
+    assert done.returncode == 0, done.stderr
+    verdict, alpha = done.stdout.splitlines()
+    assert verdict.startswith("not used: cannot reserve") and "--shm-size" in verdict, verdict
+    ref = ReferenceClip(engine)
+    ref.step(clip.frames[0], clip.masks[0])
+    np.testing.assert_array_equal(np.frombuffer(bytes.fromhex(alpha), np.float32).reshape(H, W),
+                                  ref.step(clip.frames[1])["hero"]["alpha"])
+
+
+def test_a_service_restarted_without_shared_memory_gets_the_next_frame_in_the_message(
+        tmp_path: Path, checkpoint: Path, engine) -> None:
+    """The client probed a service that read its segment; the service that answers now does not: the refused frame
+    is sent again in the message, and the clip goes on as if nothing had happened."""
+    from tests.helpers.live_service import free_port
+
+    clip, ref = synthetic_clip(25, 3), ReferenceClip(engine)
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    with OAVMClient(endpoint, timeout_s=60) as client:
+        with live_service(tmp_path, checkpoint=checkpoint, endpoint=endpoint):
+            assert_same(client.open_clip("restart", 0, clip.frames[0], clip.masks[0]),
+                        ref.step(clip.frames[0], clip.masks[0]))
+            assert_same(client.matte("restart", 1, clip.frames[1]), ref.step(clip.frames[1]))
+            assert client.shm_verdict == "ok"
+        # stopped: the clip was saved to the state directory, where the next service finds it
+        with live_service(tmp_path, checkpoint=checkpoint, endpoint=endpoint, extra_args=["--no-shared-memory"]):
+            assert_same(client.matte("restart", 2, clip.frames[2]), ref.step(clip.frames[2]))
+            assert client.shm_verdict.startswith("not used: ") and "--no-shared-memory" in client.shm_verdict
+            assert client.status()["shared_memory"] == {"enabled": False, "segments": 0}
+            log = (tmp_path / "service.log").read_text()
+            assert "matte clip=restart frame=2 -> shared_memory" in log and "frame=2 -> ok" in log

@@ -47,12 +47,13 @@ def make_tiny_checkpoint(path: Path, seed: int = 0) -> Path:
 
 @contextmanager
 def live_service(tmp: Path, *, checkpoint: Path | None = None, extra_args: list[str] = (),
-                 ready_timeout: float = 120.0) -> Iterator[str]:
-    """Run ``python -m oavm_service serve`` on a free loopback port; yield its endpoint; stop it afterwards."""
+                 ready_timeout: float = 120.0, endpoint: str | None = None) -> Iterator[str]:
+    """Run ``python -m oavm_service serve`` on ``endpoint`` (default: a free loopback port); yield the endpoint; stop
+    the service afterwards (it saves its clips to ``tmp/state``, where a service started again finds them)."""
     tmp = Path(tmp)
     tmp.mkdir(parents=True, exist_ok=True)
     ckpt = checkpoint or make_tiny_checkpoint(tmp / "tiny.safetensors")
-    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    endpoint = endpoint or f"tcp://127.0.0.1:{free_port()}"
     log = open(tmp / "service.log", "w+")
     proc = subprocess.Popen(
         [service_python(), "-m", "oavm_service", "serve", "--endpoint", endpoint, "--checkpoint", str(ckpt),
