@@ -2,7 +2,9 @@
 """The service hop: the same frames through the real ZeroMQ service and ``shared.client`` vs the engine in-process.
 
 The service is the real ``python -m oavm_service serve`` on a free loopback port, with the same checkpoint, device
-and precision as the in-process engine. Frames go as float32 RGB, what Blender's and Nuke's pixel buffers hold.
+and precision as the in-process engine. Frames go as float32 RGB, what Blender's and Nuke's pixel buffers hold, and
+through shared memory where the client can (``shared.shared_memory``, Linux); at 1080p a row with the frames in the
+messages shows what that saves.
 Service and in-process steps alternate frame by frame (and which goes first alternates too) so a neighbour's load on
 a shared machine hits both alike; the ratio of their median frame times is the hop's cost: encoding, two loopback
 copies, decoding and the service's own bookkeeping. The service logs its own time per request, which splits the
@@ -144,10 +146,13 @@ def hop_row(client, service: Service, engine, spec: DeviceSpec, res: Resolution,
             opts: RunOptions, *, half: bool = False) -> Row:
     """One resolution in lockstep; the service's log splits its extra time into transport and service work.
 
-    ``half``: float16 frames and replies (both sides get the same float16 frames)."""
+    ``half``: float16 frames and replies (both sides get the same float16 frames). A client made with
+    ``shared_memory=False`` gives the row with the frames in the messages (" msg")."""
     clip = SampleClip(res.width, res.height)
     dtype = np.float16 if half else np.float32
-    clip_id = "bench-" + res.label.replace(" ", "-") + ("-f16" if half else "")   # the log is searched by clip id
+    in_messages = client.shm_verdict == "not used: turned off (shared_memory=False)"
+    suffix = (" f16" if half else "") + (" msg" if in_messages else "")
+    clip_id = "bench-" + (res.label + suffix).replace(" ", "-")     # the log is searched by clip id
     sync = cuda_sync(str(engine.device))
     service_memory = PeakMemory("cpu", service.proc.pid) if spec.device == "cpu" else None
     if service_memory:
@@ -178,8 +183,8 @@ def hop_row(client, service: Service, engine, spec: DeviceSpec, res: Resolution,
     handled = service.handled_ms(clip_id, timed)
     split = (f"; in the service {statistics.median(handled):.1f} ms, so transport + client "
              f"{hop.p50_ms - statistics.median(handled):.1f} ms" if handled else "")
-    wire = "float16 frames and replies" if half else "float32 frames"
-    row = Row("service", spec.label, res.label + (" f16" if half else ""), ckpt.label, frames=hop.n, fps=hop.fps,
+    wire = ("float16 frames and replies" if half else "float32 frames") + _frames_via(client)
+    row = Row("service", spec.label, res.label + suffix, ckpt.label, frames=hop.n, fps=hop.fps,
               p50_ms=hop.p50_ms, p95_ms=hop.p95_ms,
               peak_mib=mib(service_memory.peak_bytes()) if service_memory else None,
               **_versus_in_process(hop, local, res),
@@ -226,9 +231,15 @@ def stream_row(client, service: Service, engine, spec: DeviceSpec, res: Resoluti
              if handled else "")
     row = Row("service", spec.label, f"{res.label} f16 x2 {transport}", ckpt.label, frames=hop.n * STREAM_BLOCK,
               fps=hop.fps, p50_ms=hop.p50_ms, p95_ms=hop.p95_ms, **_versus_in_process(hop, local, res),
-              note=f"in-process p50 {local.p50_ms:.1f} ms a frame; float16 frames and replies, 2 frames in flight "
-                   f"(matte_stream), {transport}; medians of blocks of {STREAM_BLOCK} frames{split}")
+              note=f"in-process p50 {local.p50_ms:.1f} ms a frame; float16 frames and replies{_frames_via(client)}, "
+                   f"2 frames in flight (matte_stream), {transport}; medians of blocks of {STREAM_BLOCK} frames{split}")
     return announce(row)
+
+
+def _frames_via(client) -> str:
+    """Where the row's frames went: ", frames in shared memory" or ", frames in the messages (why)"."""
+    verdict = client.shm_verdict or "not asked"
+    return ", frames in shared memory" if verdict == "ok" else f", frames in the messages ({verdict})"
 
 
 def run_service(specs: list[DeviceSpec], resolutions: list[Resolution], ckpt: Checkpoint, opts: RunOptions,
@@ -253,9 +264,11 @@ def _rows_on(spec: DeviceSpec, resolutions: list[Resolution], ckpt: Checkpoint, 
     target = [res for res in resolutions if res.size == variants_at]
     rows = []
     with running_service(ckpt, spec, workdir, cuda_graphs=opts.cuda_graphs) as service:
-        with OAVMClient(service.endpoint, timeout_s=600.0, retries=0) as client:
+        with OAVMClient(service.endpoint, timeout_s=600.0, retries=0) as client, \
+                OAVMClient(service.endpoint, timeout_s=600.0, retries=0, shared_memory=False) as in_messages:
             rows += [hop_row(client, service, engine, spec, res, ckpt, opts) for res in resolutions]
             for res in target:
+                rows.append(hop_row(in_messages, service, engine, spec, res, ckpt, opts))
                 rows.append(hop_row(client, service, engine, spec, res, ckpt, opts, half=True))
                 rows.append(stream_row(client, service, engine, spec, res, ckpt, opts, "tcp"))
     if target and hasattr(socket, "AF_UNIX"):

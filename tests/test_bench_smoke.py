@@ -75,13 +75,15 @@ def test_quick_run_records_one_table_as_json_and_png(quick_run):
     assert all(r.peak_mib > 50 and "session holds" in r.value for r in memory)
 
     service = [r for r in rows if r.bench == "service" and r.device == "cpu fp32"]
-    assert [r.input for r in service] == ["64x48", "96x64 ds0.5", "64x48 f16", "64x48 f16 x2 tcp",
+    assert [r.input for r in service] == ["64x48", "96x64 ds0.5", "64x48 msg", "64x48 f16", "64x48 f16 x2 tcp",
                                           "64x48 f16 x2 ipc"]
     assert all(r.value.startswith("x") and "in-process p50" in r.note for r in service)
-    lockstep, streamed = service[:3], service[3:]
+    lockstep, streamed = service[:4], service[4:]
     assert all(r.frames == 3 for r in lockstep)
     assert all("transport + client" in r.note for r in lockstep), "the service log's own timings were found"
-    assert "float16 frames and replies" in service[2].note
+    assert "float16 frames and replies" in service[3].note
+    assert [", frames in shared memory" in r.note for r in service] == [True, True, False, True, True, True]
+    assert "frames in the messages (not used: turned off" in service[2].note
     assert all(r.frames >= 3 * 8 and "2 frames in flight" in r.note for r in streamed)
     assert all("the service's own time" in r.note for r in streamed)
 
