@@ -40,7 +40,8 @@ from oavm_service.io.colour import InputColorspace
 from oavm_service.io.images import ImageHeader, Window, align_to_window, read_header, read_mask, verify_image, \
     write_image
 from oavm_service.io.sequences import FramePattern, format_frame_range, parse_frame_range
-from oavm_service.read_ahead import ReadAhead   # reads the next plate while this frame is in the network
+from oavm_service.read_ahead import ReadAhead, WriteBehind   # the next plate read, the last matte written, while
+                                                               # this frame is in the network
 
 EXIT_OK = 0
 EXIT_BAD_INPUT = 1
@@ -145,6 +146,7 @@ class Stepper(Protocol):
     mode: str
     checkpoint_sha256: str
     signature: dict
+    spare_cpu: bool       # whether a core is free for writing files while the network runs (write behind then)
 
     def start(self, direction: int, anchor: int) -> None: ...
     def step(self, position: int, rgb: np.ndarray, prompts: dict[str, np.ndarray], known: set[str]) \
@@ -168,6 +170,7 @@ class EngineStepper:
         info = engine.checkpoint_info
         self.checkpoint_sha256 = str(info.get("sha256") or "")
         self.signature = {"device": str(engine.device), "precision": str(engine.precision)}
+        self.spare_cpu = engine.device.type != "cpu" or _torch_threads() < (os.cpu_count() or 1)
 
     def start(self, direction: int, anchor: int) -> None:
         self.session = self.engine.new_session(downsample_ratio=self.downsample_ratio, foreground=self.foreground)
@@ -212,6 +215,8 @@ class ServiceStepper:
         status = self.client.status()
         self.checkpoint_sha256 = str((status.get("checkpoint") or {}).get("sha256") or "")
         self.signature = {"device": str(status.get("device")), "precision": str(status.get("precision"))}
+        # a service on this machine's CPU uses its cores; on a GPU, or on another machine, it leaves them free
+        self.spare_cpu = str(status.get("device")) != "cpu" or not status.get("loopback", True)
         self.base_id = clip_id or f"oavm-batch-{socket.gethostname()}-{os.getpid()}"
         self.downsample_ratio = downsample_ratio
         self.reply_dtype = reply_dtype
@@ -639,7 +644,10 @@ class BatchJob:
         known = {o for s in pas.steps[:start] for o in s.prompts}      # objects the clip holds so far
         last_saved = start - 1
         periodic: list[int] = []
-        with ReadAhead(self.source.read, [s.frame for s in pas.steps[start:end]]) as plates:
+        # where a core is free, a frame's file is written while the next frame is in the network; its progress line
+        # (in frame order) follows the write, and every state is saved only once the frames before it are on disk
+        with ReadAhead(self.source.read, [s.frame for s in pas.steps[start:end]]) as plates, \
+                WriteBehind(depth=2 if stepper.spare_cpu else 0) as writes:
             for position in range(start, end):
                 step = pas.steps[position]
                 t0 = time.perf_counter()
@@ -649,23 +657,23 @@ class BatchJob:
                     layers = stepper.step(position, plate.network_rgb, masks, known)
                 except OAVMInputError:
                     if last_saved < position - 1 and self.config.state_every > 0:
+                        writes.flush()
                         self.save_state(stepper, pas, position - 1, signature)     # resume right here after a fix
                     raise
                 known |= set(step.prompts)
+                seconds = time.perf_counter() - t0
                 if position in todo:
-                    path = self.write_frame(plate, layers, stepper, pas.direction)
-                    if self.on_frame is not None:
-                        self.on_frame(plate, layers)
-                    what = f"wrote {path}"
-                elif step.write:
-                    what = "recomputed (output already complete)"
+                    writes.submit(self.write_frame, plate, layers, stepper, pas.direction,
+                                  then=self._written(progress, step, seconds, plate, layers))
                 else:
-                    what = "lead-in, memory only (outside --frames)"
-                prompted = f" [mask: {', '.join(step.prompts)}]" if step.prompts else ""
-                progress.advance(f"frame {step.frame}: {what}{prompted} ({time.perf_counter() - t0:.2f} s)")
+                    what = ("recomputed (output already complete)" if step.write
+                            else "lead-in, memory only (outside --frames)")
+                    text = _progress_line(step, what, seconds)
+                    writes.submit(lambda: None, then=lambda _, text=text: progress.advance(text))
                 every = self.config.state_every
                 periodic_now = every > 0 and (position + 1) % every == 0
                 if periodic_now or (every > 0 and position == end - 1):
+                    writes.flush()
                     self.save_state(stepper, pas, position, signature)
                     last_saved = position
                 if periodic_now:                     # a run keeps its latest periodic state and its final one
@@ -674,12 +682,33 @@ class BatchJob:
                             path.unlink(missing_ok=True)
                     periodic = [position]
 
+    def _written(self, progress: Progress, step: Step, seconds: float, plate: Plate, layers: Mapping[str, Layer]
+                 ) -> Callable[[Path], None]:
+        """What follows a frame's write, on the main thread: its progress line, then the caller's ``on_frame``."""
+        def done(path: Path) -> None:
+            progress.advance(_progress_line(step, f"wrote {path}", seconds))
+            if self.on_frame is not None:
+                self.on_frame(plate, layers)
+        return done
+
     def _say(self, text: str) -> None:
         if self._progress is not None:
             self._progress.note(text)
         else:
             self.stream.write(text + "\n")
             self.stream.flush()
+
+
+def _torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
+def _progress_line(step: Step, what: str, seconds: float) -> str:
+    """"frame 1004: wrote out/matte.1004.exr [mask: hero] (0.25 s)" (the time to read and matte the frame)."""
+    prompted = f" [mask: {', '.join(step.prompts)}]" if step.prompts else ""
+    return f"frame {step.frame}: {what}{prompted} ({seconds:.2f} s)"
 
 
 # ------------------------------------------------------------------------------------------------ CLI

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -475,3 +476,88 @@ def test_read_ahead_reads_the_next_frame_on_a_worker_and_raises_at_the_bad_frame
         assert plates.next() == "plate 13"
         with pytest.raises(IndexError):
             plates.next()
+
+
+def test_write_behind_writes_in_order_on_a_worker_keeps_at_most_depth_and_raises_at_the_bad_write():
+    """The batch writes frame k's file while frame k+1 is in the network: writes run in order on one worker, their
+    follow-ups (progress lines) on the caller's thread in the same order, at most ``depth`` wait, and a failed write
+    raises where it is finished; after an error elsewhere, the writes already submitted still complete."""
+    import threading
+
+    from oavm_service.read_ahead import WriteBehind
+
+    caller = threading.current_thread().name
+    gate, written, followed = threading.Event(), [], []
+
+    def write(frame: int) -> str:
+        if frame == 1:
+            gate.wait(5)                             # the first write is slow: the caller goes on meanwhile
+        if frame == 4:
+            raise OSError("disk full at frame 4")
+        written.append((frame, threading.current_thread().name))
+        return f"file {frame}"
+
+    def then(result: str) -> None:
+        followed.append((result, threading.current_thread().name))
+
+    with WriteBehind(depth=2) as writes:
+        writes.submit(write, 1, then=then)
+        writes.submit(write, 2, then=then)           # two waiting: the caller was not held up
+        assert written == [] and followed == []
+        gate.set()
+        writes.submit(write, 3, then=then)           # a third first finishes the oldest
+        assert followed == [("file 1", caller)]
+        writes.submit(write, 4, then=then)
+        with pytest.raises(OSError, match="disk full at frame 4"):
+            writes.flush()
+    assert [f for f, _ in written] == [1, 2, 3]
+    assert all(name.startswith("oavm-write-behind") for _, name in written)
+    assert followed == [("file 1", caller), ("file 2", caller), ("file 3", caller)]
+
+    written.clear()
+    with pytest.raises(RuntimeError, match="the network failed"):
+        with WriteBehind(depth=2) as writes:
+            writes.submit(write, 5)
+            writes.submit(write, 4)                  # its own error does not hide the network's
+            raise RuntimeError("the network failed")
+    assert [f for f, _ in written] == [5]            # computed before the error: still written
+
+    written.clear()
+    with WriteBehind(depth=0) as writes:             # no core to spare: written at once, on the caller's thread
+        writes.submit(write, 6, then=then)
+        assert written == [(6, caller)] and followed[-1] == ("file 6", caller)
+
+
+def test_writing_behind_gives_the_same_files_and_log_as_writing_at_once(shot, engine, tmp_path):
+    import threading
+
+    runs = {}
+    for spare in (True, False):
+        config = batch.BatchConfig(input=str(shot / "plate.####.exr"), output=str(tmp_path / f"{spare}" / "m.####.exr"),
+                                   masks=[batch.KeyMask("matte", str(shot / "mask.1001.png"), 1001)],
+                                   frames=[1001, 1002, 1003, 1004], state_every=2)
+
+        def stepper(spare=spare):
+            s = batch.EngineStepper(engine, None)
+            s.spare_cpu = spare                      # what the machine's cores would decide
+            return s
+
+        out, threads = io.StringIO(), set()
+        job = batch.BatchJob(config, stepper_factory=stepper, stream=out)
+        write = job.write_frame
+
+        def recorded(*args, write=write, threads=threads):
+            threads.add(threading.current_thread().name.split("_")[0])
+            return write(*args)
+
+        job.write_frame = recorded
+        assert job.run() == 0
+        runs[spare] = [re.sub(r"\(\d+\.\d+ s\)|True|False", "", line) for line in out.getvalue().splitlines()]
+        assert threads == ({"oavm-write-behind"} if spare else {threading.current_thread().name})
+    assert runs[True] == runs[False]
+    assert [line.split(":")[0] for line in runs[True] if line.startswith("frame ")] == \
+        [f"frame {f}" for f in (1001, 1002, 1003, 1004)]
+    for f in range(1001, 1005):
+        assert same_pixels(tmp_path / "True" / f"m.{f}.exr", tmp_path / "False" / f"m.{f}.exr")
+    states = sorted(p.name for p in (tmp_path / "True" / "m.oavm-state").iterdir())
+    assert states == sorted(p.name for p in (tmp_path / "False" / "m.oavm-state").iterdir()) and states
