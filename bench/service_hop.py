@@ -150,7 +150,7 @@ def hop_row(client, service: Service, engine, spec: DeviceSpec, res: Resolution,
     ``shared_memory=False`` gives the row with the frames in the messages (" msg")."""
     clip = SampleClip(res.width, res.height)
     dtype = np.float16 if half else np.float32
-    in_messages = client.shm_verdict == "not used: turned off (shared_memory=False)"
+    in_messages = not client.shared_memory
     suffix = (" f16" if half else "") + (" msg" if in_messages else "")
     clip_id = "bench-" + (res.label + suffix).replace(" ", "-")     # the log is searched by clip id
     sync = cuda_sync(str(engine.device))

@@ -100,8 +100,9 @@ class OAVMClient:
         self._counter = 0
         self._answered = False            # has any reply arrived (then autostart is no longer considered)
         self._service_limits: dict[str, int] | None = None
-        # shared memory: the folder (None: not on this machine or not wanted), the segment, its slots' size, and
-        # the verdict of the service's probe ("ok", or why the frames travel in the messages)
+        # shared memory: whether it was asked for, the folder (None: not on this machine or not wanted), the
+        # segment, its slots' size, and the verdict of the service's probe ("ok", or why frames go in the messages)
+        self.shared_memory = bool(shared_memory)
         self._shm_dir = default_dir() if shared_memory and is_loopback(endpoint) else None
         self._segment: Segment | None = None
         self._slot_bytes = 0

@@ -8,9 +8,9 @@ describes the fields); the service reads the pixels in place. Replies still trav
 shared memory by the service and copied out by the client they cost as much as they saved (docs/performance.md).
 
 Who may read whose memory: the service maps, read-only, only files in its own shared-memory folder, named as
-``Segment`` names them, regular files (no links) owned by its own user, and only when it listens on loopback. The client
-creates each segment readable by its owner only and reserves its pages up front (``posix_fallocate``), so a full
-``/dev/shm`` (Docker gives containers 64 MB) is an error at creation, and the client then sends pixels in the
+``Segment`` names them, regular files (no links) owned by its own user, and only when it listens on loopback. The
+client creates each segment readable by its owner only and reserves its pages up front (``posix_fallocate``), so a
+full ``/dev/shm`` (Docker gives containers 64 MB) is an error at creation, and the client then sends pixels in the
 message as before, never a crash on a later write. Segments are removed by the client that made them (``close``,
 or at exit); those of a client that was killed are removed by the next client that starts on the machine.
 
@@ -67,7 +67,7 @@ class Segment:
         try:
             try:
                 os.posix_fallocate(fd, 0, self.size)   # the pages exist now, or we fail now (not SIGBUS later)
-            except OSError as exc:
+            except (OSError, AttributeError) as exc:   # (AttributeError: a system without posix_fallocate)
                 raise SharedMemoryError(f"cannot reserve {self.size / 2**20:.0f} MiB in {directory} ({exc}); "
                                         f"it is probably full or small (a container's /dev/shm is 64 MB unless "
                                         f"started with --shm-size)") from None
@@ -166,9 +166,9 @@ class SegmentMap:
 
     def memory(self, ref: Any) -> memoryview:
         """The whole segment named by a header's ``shm`` field, mapped read-only."""
-        if not isinstance(ref, Mapping) or not isinstance(ref.get("path"), str) or not _is_int(ref.get("size")):
+        path, size = (ref.get("path"), ref.get("size")) if isinstance(ref, Mapping) else (None, None)
+        if not isinstance(path, str) or not isinstance(size, int) or isinstance(size, bool):
             raise SharedMemoryError("'shm' must be a map {path, size}")
-        path, size = ref["path"], int(ref["size"])
         cached = self._maps.get(path)
         if cached is not None and cached[0].nbytes == size:
             self._maps.move_to_end(path)
@@ -178,7 +178,8 @@ class SegmentMap:
                                     f"{PREFIX}PID-HEX files made by shared.shared_memory.Segment")
         if not 0 < size <= self.max_segment_bytes:
             raise SharedMemoryError(f"the segment is {size} bytes; this service maps at most "
-                                    f"{self.max_segment_bytes} (twice its message limit per request in flight)")
+                                    f"{self.max_segment_bytes} (its message limit for each request a client may "
+                                    f"have in flight)")
         flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
         try:
             fd = os.open(path, flags)
@@ -217,7 +218,3 @@ class SegmentMap:
         if not isinstance(token_hex, str) or bytes(memory[:TOKEN_BYTES]).hex() != token_hex:
             return "the segment's token differs: client and service do not see the same file"
         return "ok"
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
