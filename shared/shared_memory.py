@@ -19,11 +19,11 @@ messages. Imports only numpy and the standard library (this runs inside Blender 
 """
 from __future__ import annotations
 
-import atexit
 import mmap
 import os
 import re
 import stat
+import weakref
 from collections import OrderedDict
 from typing import Any, Mapping
 
@@ -49,7 +49,8 @@ class SharedMemoryError(Exception):
 
 
 class Segment:
-    """The client's side: one file of ``size`` bytes in ``directory``, mapped; removed by ``close`` (or at exit).
+    """The client's side: one file of ``size`` bytes in ``directory``, mapped; removed by ``close``, or when the
+    segment is garbage-collected (a client never closed), or at the interpreter's exit.
 
     The first TOKEN_BYTES hold a random token (the service's probe reads it back); buffers go after them.
     """
@@ -77,15 +78,14 @@ class Segment:
             _unlink(self.path)
             raise
         os.close(fd)
+        self._remove = weakref.finalize(self, _unlink, self.path)     # also runs at exit
         self.memory = memoryview(self._map)
         self.memory[:TOKEN_BYTES] = self.token
-        _LIVE[self.path] = self
 
     def close(self) -> None:
         """Remove the file. The mapping goes when the last array viewing it does; the service keeps its own
         mapping until it notices the file is gone."""
-        _LIVE.pop(self.path, None)
-        _unlink(self.path)
+        self._remove()
         try:
             self.memory.release()
             if self._map is not None:
@@ -98,15 +98,6 @@ class Segment:
     def ref(self) -> dict[str, Any]:
         """How a header names this segment (``shared.protocol``'s ``shm`` field)."""
         return {"path": self.path, "size": self.size}
-
-
-_LIVE: dict[str, Segment] = {}
-
-
-@atexit.register
-def _remove_live_segments() -> None:
-    for segment in list(_LIVE.values()):
-        segment.close()
 
 
 def _unlink(path: str) -> None:

@@ -138,6 +138,21 @@ def test_segments_are_private_and_removed_by_close_even_while_an_array_views_the
     assert view[:16].tobytes() == segment.token               # still mapped for as long as it is viewed
 
 
+def test_a_segment_nobody_closed_is_removed_when_it_is_collected_or_the_process_exits(folder: Path) -> None:
+    import gc
+
+    segment = Segment(4096, str(folder))
+    path = segment.path
+    del segment
+    gc.collect()
+    assert not os.path.exists(path)                          # a client dropped without close()
+    done = subprocess.run([sys.executable, "-c", "import sys\nfrom shared.shared_memory import Segment\n"
+                           "kept = Segment(4096, sys.argv[1])\nprint(kept.path)\n", str(folder)],
+                          capture_output=True, text=True, timeout=60, cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 0, done.stderr
+    assert not os.path.exists(done.stdout.strip())           # still held at exit: removed then
+
+
 def test_the_service_forgets_a_mapping_once_its_file_is_gone(folder: Path) -> None:
     mapper = SegmentMap(str(folder), 1 << 20)
     first, second = Segment(4096, str(folder)), Segment(4096, str(folder))
