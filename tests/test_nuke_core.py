@@ -122,9 +122,12 @@ def _oiio_read(path) -> dict:
 
 @pytest.mark.parametrize("compression", [exr.NONE, exr.ZIPS, exr.ZIP])
 @pytest.mark.parametrize("pixel_type", [exr.HALF, exr.FLOAT])
-def test_written_exr_reads_back_in_openimageio(tmp_path, compression, pixel_type):
+@pytest.mark.parametrize("shape", [(37, 53), (301, 517)])   # the larger: 19 ZIP chunks, deflated on several threads
+def test_written_exr_reads_back_in_openimageio(tmp_path, compression, pixel_type, shape):
     rng = np.random.default_rng(1)
-    planes = {"A": rng.random((37, 53), dtype=np.float32), "G": np.linspace(0, 1, 37 * 53, dtype=np.float32).reshape(37, 53)}
+    noise = rng.random(shape, dtype=np.float32)
+    noise[: shape[0] // 2] = 0.25          # flat lines deflate; float noise does not shrink and is stored raw
+    planes = {"A": noise, "G": np.linspace(0, 1, shape[0] * shape[1], dtype=np.float32).reshape(shape)}
     exr.write_exr(str(tmp_path / "m.exr"), planes, pixel_type=pixel_type, compression=compression)
     back = _oiio_read(tmp_path / "m.exr")
     tol = 1e-3 if pixel_type == exr.HALF else 0

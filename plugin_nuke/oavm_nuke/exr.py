@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import struct
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Dict, Mapping, Tuple
 
@@ -29,6 +30,9 @@ NONE, RLE, ZIPS, ZIP = 0, 1, 2, 3
 COMPRESSION_NAMES = {0: "none", 1: "RLE", 2: "Zip (1 scanline)", 3: "Zip (16 scanlines)", 4: "PIZ", 5: "PXR24",
                      6: "B44", 7: "B44A", 8: "DWAA", 9: "DWAB"}
 _LINES_PER_CHUNK = {NONE: 1, ZIPS: 1, ZIP: 16}
+# OpenEXR's own default since 3.1.3 ("2x faster than 6, a tiny drop in compression ratio"): a 1080p matte's chunks
+# deflate in well under half the time of level 6 for a file a few per cent larger
+ZIP_LEVEL = 4
 
 UINT, HALF, FLOAT = 0, 1, 2
 _DTYPES = {UINT: np.dtype("<u4"), HALF: np.dtype("<f2"), FLOAT: np.dtype("<f4")}
@@ -145,11 +149,11 @@ def _channel_list(raw: bytes) -> list:
 
 def _unzip(data: bytes, expected: int) -> bytes:
     """Undo EXR's ZIP coding: inflate, undo the byte-delta predictor, re-interleave the two byte halves."""
-    d = np.frombuffer(zlib.decompress(data), dtype=np.uint8).astype(np.int64)
+    d = np.frombuffer(zlib.decompress(data), dtype=np.uint8).copy()
     if d.size != expected:
         raise ExrError("a ZIP chunk inflated to %d bytes, expected %d; the file is damaged" % (d.size, expected))
-    d[1:] -= 128
-    t = (np.cumsum(d) % 256).astype(np.uint8)
+    d[1:] -= np.uint8(128)                       # uint8 arithmetic wraps: the predictor's "mod 256" for free
+    t = np.cumsum(d, dtype=np.uint8)
     half = (expected + 1) // 2
     out = np.empty(expected, dtype=np.uint8)
     out[0::2] = t[:half]
@@ -195,11 +199,12 @@ def read_exr(path: str) -> ExrImage:
                 raise ExrError("%s is truncated (chunk at line %d); render it again" % (path, y))
             if size < expected:   # compressed; a chunk that did not shrink is stored raw, as OpenEXR does
                 data = _unzip(data, expected)
-            pos, row0 = 0, y - dw[1]
-            for line in range(n_lines):
-                for (name, ptype, _, _), nbytes in zip(chans, row_bytes):
-                    planes[name][row0 + line] = np.frombuffer(data, _DTYPES[ptype], width, pos)
-                    pos += nbytes
+            pos, row0, line_bytes = 0, y - dw[1], sum(row_bytes)     # a line holds each channel's row in turn
+            for (name, ptype, _, _), nbytes in zip(chans, row_bytes):
+                dtype = _DTYPES[ptype]     # a strided view of one channel's rows (numpy < 1.23, Nuke's, included)
+                planes[name][row0:row0 + n_lines] = np.ndarray((n_lines, width), dtype, buffer=data, offset=pos,
+                                                               strides=(line_bytes, dtype.itemsize))
+                pos += nbytes
     return ExrImage(planes, dw, disp, compression, {k: v[1] for k, v in attrs.items()})
 
 
@@ -209,13 +214,28 @@ def _attr(name: str, typ: str, value: bytes) -> bytes:
     return name.encode() + b"\0" + typ.encode() + b"\0" + struct.pack("<i", len(value)) + value
 
 
-def _zip(raw: bytes) -> bytes:
-    """EXR's ZIP coding (the inverse of ``_unzip``): split even/odd bytes, byte deltas + 128, deflate."""
-    b = np.frombuffer(raw, dtype=np.uint8)
-    t = np.concatenate([b[0::2], b[1::2]]).astype(np.int16)
-    d = t.copy()
-    d[1:] = (t[1:] - t[:-1] + 128) % 256
-    return zlib.compress(d.astype(np.uint8).tobytes(), 6)
+def _predict(chunks: np.ndarray) -> np.ndarray:
+    """EXR's ZIP predictor for each row of ``chunks`` (n, bytes) uint8 at once (the inverse of ``_unzip``'s): the
+    even bytes then the odd ones, then each byte minus the one before it, + 128 (uint8 arithmetic wraps: mod 256)."""
+    t = np.concatenate([chunks[:, 0::2], chunks[:, 1::2]], axis=1)
+    d = np.empty_like(t)
+    d[:, 0] = t[:, 0]
+    np.subtract(t[:, 1:], t[:, :-1], out=d[:, 1:])
+    d[:, 1:] += np.uint8(128)
+    return d
+
+
+def _deflate_all(predicted: list, raw_sizes: list) -> list:
+    """Deflate each chunk (zlib lets other threads run while it works, so large images use several cores); a chunk
+    that does not shrink is stored raw, as OpenEXR does (None here)."""
+    def one(i: int):
+        packed = zlib.compress(predicted[i], ZIP_LEVEL)
+        return packed if len(packed) < raw_sizes[i] else None
+    workers = min(8, os.cpu_count() or 1)
+    if workers < 2 or len(predicted) < 16:
+        return [one(i) for i in range(len(predicted))]
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        return list(pool.map(one, range(len(predicted))))
 
 
 def write_exr(path: str, channels: Mapping[str, np.ndarray], *, pixel_type: int = HALF, compression: int = ZIP,
@@ -250,15 +270,19 @@ def write_exr(path: str, channels: Mapping[str, np.ndarray], *, pixel_type: int 
         b"\0",
     ])
     lines = _LINES_PER_CHUNK[compression]
-    chunks = []
-    for y0 in range(0, height, lines):
-        y1 = min(height, y0 + lines)
-        raw = b"".join(p[y].tobytes() for y in range(y0, y1) for p in planes)
-        data = raw
-        if compression != NONE:
-            packed = _zip(raw)
-            data = packed if len(packed) < len(raw) else raw
-        chunks.append(struct.pack("<ii", dw[1] + y0, len(data)) + data)
+    # a chunk holds, line by line, each channel's row in name order: exactly the bytes of (H, C, W) rows
+    rows = np.stack(planes, axis=1).reshape(height, -1).view(np.uint8)
+    starts = list(range(0, height, lines))
+    raws = [rows[y0:y0 + lines].reshape(-1) for y0 in starts]
+    if compression == NONE:
+        datas = [r.tobytes() for r in raws]
+    else:
+        full = len(raws) if height % lines == 0 else len(raws) - 1
+        predicted = list(_predict(rows[:full * lines].reshape(full, -1))) if full else []
+        predicted += [_predict(r[None])[0] for r in raws[full:]]
+        packed = _deflate_all([p.tobytes() for p in predicted], [r.size for r in raws])
+        datas = [r.tobytes() if z is None else z for r, z in zip(raws, packed)]
+    chunks = [struct.pack("<ii", dw[1] + y0, len(data)) + data for y0, data in zip(starts, datas)]
     offsets, at = [], len(header) + 8 * len(chunks)
     for chunk in chunks:
         offsets.append(at)
