@@ -437,7 +437,8 @@ class StandInNuke(types.ModuleType):
         spec = oiio.ImageSpec(shape[1], shape[0], len(wanted), "half" if "half" in write["datatype"].value()
                               else "float")
         spec.channelnames = tuple(names[c] for c in wanted)
-        spec.attribute("compression", {"Zip (1 scanline)": "zips", "none": "none"}[write["compression"].value()])
+        spec.attribute("compression", {"Zip (1 scanline)": "zips", "Zip (16 scanlines)": "zip",
+                                       "none": "none"}[write["compression"].value()])
         out = oiio.ImageOutput.create(path)
         assert out.open(path, spec)
         out.write_image(data.astype(np.float32))

@@ -9,8 +9,8 @@ The curve is repeated here (a few lines) because plug-ins may import only ``shar
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Tuple
+from dataclasses import dataclass, field
+from typing import Optional, Tuple
 
 import numpy as np
 
@@ -40,9 +40,17 @@ def _read(path: str, what: str) -> ExrImage:
 @dataclass
 class SourceFrame:
     linear: np.ndarray        # (H, W, 3) float32, the Write node's scene-linear pixels over the display window
-    display: np.ndarray       # the same, display-referred: what the service's network sees
     digest: str               # pixel digest: the cache key's part for this frame
     full_window: bool         # data window == display window: the service may read the file itself
+    _display: Optional[np.ndarray] = field(default=None, repr=False)
+
+    @property
+    def display(self) -> np.ndarray:
+        """The same pixels display-referred: what the service's network sees. Made when first asked for: most
+        frames are only hashed here (the service reads the file itself), and the sRGB curve costs 130 ms at 1080p."""
+        if self._display is None:
+            self._display = linear_to_display(self.linear)
+        return self._display
 
 
 def load_source(path: str) -> SourceFrame:
@@ -52,7 +60,7 @@ def load_source(path: str) -> SourceFrame:
     image = raw.in_display_window()
     rgb = np.stack([image.channel("R", "rgba.red"), image.channel("G", "rgba.green"),
                     image.channel("B", "rgba.blue")], axis=-1)
-    return SourceFrame(rgb, linear_to_display(rgb), pixel_digest(rgb), raw.data_window == raw.display_window)
+    return SourceFrame(rgb, pixel_digest(rgb), raw.data_window == raw.display_window)
 
 
 def load_mask(path: str) -> Tuple[np.ndarray, str]:
