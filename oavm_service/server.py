@@ -309,10 +309,8 @@ class Service:
                 info["probe"] = ("this service takes no shared memory (" + (
                     "started with --no-shared-memory" if not self.config.shared_memory else
                     "it listens beyond loopback" if not self.loopback else "no /dev/shm on this system") + ")")
-            elif not isinstance(probe, dict):
-                info["probe"] = "'shm_probe' must be a map {path, size, token}"
             else:
-                info["probe"] = self.segments.probe(probe, probe.get("token"))
+                info["probe"] = self.segments.probe(probe)
         return info
 
     def _device_memory(self) -> int | None:

@@ -323,7 +323,7 @@ def _check_request_fields(header: dict[str, Any]) -> None:
         raise ProtocolError(ErrorCode.BAD_REQUEST, f"'clip' must be a non-empty string of at most {MAX_ID_CHARS} "
                                                    f"characters, not {clip!r}", header)
     frame = header.get("frame")
-    if frame is not None and (not isinstance(frame, int) or isinstance(frame, bool)):
+    if frame is not None and not _is_int(frame):
         raise ProtocolError(ErrorCode.BAD_REQUEST, f"'frame' must be an integer frame index, not {frame!r}", header)
     if not isinstance(header.get("args", {}) or {}, dict):
         raise ProtocolError(ErrorCode.BAD_REQUEST, "'args' must be a map of op arguments", header)
@@ -386,7 +386,7 @@ def _descriptor(raw: Any, index: int, header: dict[str, Any]) -> _Descriptor:
     if dtype not in DTYPES:
         raise bad(f"{name!r} has dtype {dtype!r}; send one of {', '.join(DTYPES)}")
     if (not isinstance(shape, (list, tuple)) or not 1 <= len(shape) <= 4
-            or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape)):
+            or not all(_is_int(n) and n >= 0 for n in shape)):
         raise bad(f"{name!r} has shape {shape!r}; send 1 to 4 non-negative integers, e.g. [height, width, 3]")
     if not isinstance(channels, str) or (channels and len(shape) == 3 and len(channels) != shape[2]):
         raise bad(f"{name!r} names channels {channels!r} for shape {list(shape)}; name one letter per channel")

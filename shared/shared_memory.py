@@ -12,7 +12,7 @@ Who may read whose memory: the service maps, read-only, only files in its own sh
 client creates each segment readable by its owner only and reserves its pages up front (``posix_fallocate``), so a
 full ``/dev/shm`` (Docker gives containers 64 MB) is an error at creation, and the client then sends pixels in the
 message as before, never a crash on a later write. Segments are removed by the client that made them (``close``,
-or at exit); those of a client that was killed are removed by the next client that starts on the machine.
+garbage collection, or exit); those of a client that was killed are removed by the next client that starts.
 
 Linux only (where ``/dev/shm`` is a memory file system); elsewhere ``default_dir`` is None and pixels travel in the
 messages. Imports only numpy and the standard library (this runs inside Blender and Nuke).
@@ -200,12 +200,16 @@ class SegmentMap:
             if gone:
                 del self._maps[path]
 
-    def probe(self, ref: Any, token_hex: Any) -> str:
-        """"ok" when the segment named by ``ref`` maps and starts with ``token_hex``, else why not."""
+    def probe(self, probe: Any) -> str:
+        """"ok" when the segment a client's ``shm_probe`` {path, size, token} names maps and starts with its token
+        (hex), else why not."""
+        if not isinstance(probe, Mapping):
+            return "'shm_probe' must be a map {path, size, token}"
         try:
-            memory = self.memory(ref)
+            memory = self.memory(probe)
         except SharedMemoryError as exc:
             return str(exc)
+        token_hex = probe.get("token")
         if not isinstance(token_hex, str) or bytes(memory[:TOKEN_BYTES]).hex() != token_hex:
             return "the segment's token differs: client and service do not see the same file"
         return "ok"

@@ -120,9 +120,10 @@ def test_the_service_maps_only_its_users_segments_in_its_folder(folder: Path, tm
             with pytest.raises(SharedMemoryError, match=None) as info:
                 mapper.memory(ref)
             assert words in str(info.value), (ref, str(info.value))
-        assert mapper.probe(segment.ref, segment.token.hex()) == "ok"
-        assert "token differs" in mapper.probe(segment.ref, "00" * 16)
-        assert "not a segment" in mapper.probe(foreign.ref, foreign.token.hex())
+        assert mapper.probe({**segment.ref, "token": segment.token.hex()}) == "ok"
+        assert "token differs" in mapper.probe({**segment.ref, "token": "00" * 16})
+        assert "not a segment" in mapper.probe({**foreign.ref, "token": foreign.token.hex()})
+        assert mapper.probe("/etc/passwd") == "'shm_probe' must be a map {path, size, token}"
     finally:
         for s in (segment, foreign, big):
             s.close()
