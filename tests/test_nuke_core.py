@@ -8,6 +8,7 @@ render-time header attribute that changes on every render); the service is the r
 from __future__ import annotations
 
 import os
+import struct
 import sys
 import time
 from pathlib import Path
@@ -26,7 +27,7 @@ from oavm_nuke.cache import (CacheError, CacheLayout, Manifest, cache_status, ch
                              resolve_cache_dir, root_key)
 from oavm_nuke.clipid import ClipIdError, default_clip_id, validate_clip_id  # noqa: E402
 from oavm_nuke.frameranges import FrameRangeError, compact, parse_frame_ranges  # noqa: E402
-from oavm_nuke.frames import linear_to_display, load_mask, load_source  # noqa: E402
+from oavm_nuke.frames import linear_to_display, load_mask, load_source, source_digest  # noqa: E402
 
 from oavm_service.io.colour import InputColorspace, to_network_rgb  # noqa: E402
 from shared.client import OAVMClient  # noqa: E402
@@ -171,6 +172,59 @@ def test_source_colour_matches_what_the_service_does_with_a_file(tmp_path):
     assert frame.full_window
     assert np.allclose(linear_to_display(np.array([0.0, 0.0031308, 0.18, 1.0, 4.0])),
                        [0.0, 0.0404, 0.4614, 1.0, 1.0], atol=1e-4)
+
+
+def _chunks_reversed_in_file(src, dst):
+    """The same EXR with its chunks placed last-to-first (the offset table still lists them by line), as a
+    multi-threaded writer may place them."""
+    data = open(src, "rb").read()
+    layout = exr._layout(str(src))
+    table_at = layout.table_at
+    offsets = list(struct.unpack_from("<%dQ" % layout.n_chunks, data, table_at))
+    ends = offsets[1:] + [len(data)]
+    chunks = [data[a:b] for a, b in zip(offsets, ends)]
+    body, new_offsets, at = b"", [], table_at + 8 * len(chunks)
+    for chunk in reversed(chunks):
+        new_offsets.insert(0, at)
+        body += chunk
+        at += len(chunk)
+    open(dst, "wb").write(data[:table_at] + struct.pack("<%dQ" % len(chunks), *new_offsets) + body)
+    return len(chunks)
+
+
+def test_source_digest_follows_the_stored_pixels_not_the_render_stamp(tmp_path):
+    """A Source frame's part of the cache key: the same for the same render stamped at another time and for its
+    chunks placed in another order; different for another pixel, bounding box or compression; never decodes."""
+    rng = np.random.default_rng(5)
+    rgb = {c: rng.random((40, 50), dtype=np.float32) for c in "RGB"}
+    paths = {}
+
+    def render(name, planes=rgb, **kw):
+        paths[name] = str(tmp_path / ("%s.exr" % name))
+        _oiio_write(paths[name], planes, compression=kw.pop("compression", "zip"), **kw)
+        return source_digest(paths[name])
+
+    first, full = render("first")
+    assert full and len(first) == 64
+    time.sleep(0.01)
+    assert render("again") == (first, True)                # another render time stamped into the header
+    assert open(paths["first"], "rb").read() != open(paths["again"], "rb").read()
+    assert _chunks_reversed_in_file(paths["first"], tmp_path / "reversed.exr") == 3      # 40 lines: 3 chunks
+    assert source_digest(str(tmp_path / "reversed.exr")) == (first, True)
+    assert np.array_equal(exr.read_exr(str(tmp_path / "reversed.exr")).channels["G"],
+                          exr.read_exr(paths["first"]).channels["G"])
+    edited = {**rgb, "G": rgb["G"].copy()}
+    edited["G"][39, 49] += 0.01                            # one pixel of the last chunk
+    assert render("edited", edited)[0] != first
+    assert render("overscan", origin=(-2, 0), full=(0, 0, 48, 40))[1] is False
+    assert render("zips", compression="zips")[0] != first      # a re-analysis, never a stale matte
+    assert load_source(paths["first"]).digest == first      # frames sent as pixels get the same key
+    truncated = tmp_path / "truncated.exr"
+    truncated.write_bytes(open(paths["first"], "rb").read()[:-100])
+    with pytest.raises(exr.ExrError, match="truncated.*render it again"):
+        source_digest(str(truncated))
+    with pytest.raises(exr.ExrError, match="Source render .* is missing"):
+        source_digest(str(tmp_path / "never_rendered.exr"))
 
 
 def test_empty_mask_is_refused_with_what_to_draw(tmp_path):

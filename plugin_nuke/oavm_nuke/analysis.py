@@ -32,7 +32,7 @@ import numpy as np
 from . import exr
 from .cache import CacheLayout, Manifest, StateRecord, chain_key, root_key
 from .frameranges import compact
-from .frames import load_mask, load_source
+from .frames import load_mask, load_source, source_digest
 
 OBJECT_ID = "fg"           # one object per gizmo; several objects = several gizmos (one clip id each)
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "[::1]", "::1")
@@ -247,9 +247,7 @@ class Analyzer:
 
     def _digest(self, frame: int) -> str:
         if frame not in self._digests:
-            source = load_source(self.layout.source(frame))
-            self._digests[frame] = source.digest
-            self._full[frame] = source.full_window
+            self._digests[frame], self._full[frame] = source_digest(self.layout.source(frame))
         return self._digests[frame]
 
     def _ensure_rendered(self, position: int) -> None:
