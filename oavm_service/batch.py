@@ -40,8 +40,8 @@ from oavm_service.io.colour import InputColorspace
 from oavm_service.io.images import ImageHeader, Window, align_to_window, read_header, read_mask, verify_image, \
     write_image
 from oavm_service.io.sequences import FramePattern, format_frame_range, parse_frame_range
-from oavm_service.read_ahead import ReadAhead, WriteBehind   # the next plate read, the last matte written, while
-                                                               # this frame is in the network
+from oavm_service.read_ahead import ReadAhead         # the next plate read while this frame is in the network
+from shared.write_behind import WriteBehind, core_is_free   # the last matte written while the next frame is there
 
 EXIT_OK = 0
 EXIT_BAD_INPUT = 1
@@ -215,8 +215,7 @@ class ServiceStepper:
         status = self.client.status()
         self.checkpoint_sha256 = str((status.get("checkpoint") or {}).get("sha256") or "")
         self.signature = {"device": str(status.get("device")), "precision": str(status.get("precision"))}
-        # a service on this machine's CPU uses its cores; on a GPU, or on another machine, it leaves them free
-        self.spare_cpu = str(status.get("device")) != "cpu" or not status.get("loopback", True)
+        self.spare_cpu = core_is_free(status, endpoint)
         self.base_id = clip_id or f"oavm-batch-{socket.gethostname()}-{os.getpid()}"
         self.downsample_ratio = downsample_ratio
         self.reply_dtype = reply_dtype

@@ -484,7 +484,7 @@ def test_write_behind_writes_in_order_on_a_worker_keeps_at_most_depth_and_raises
     raises where it is finished; after an error elsewhere, the writes already submitted still complete."""
     import threading
 
-    from oavm_service.read_ahead import WriteBehind
+    from shared.write_behind import WriteBehind
 
     caller = threading.current_thread().name
     gate, written, followed = threading.Event(), [], []

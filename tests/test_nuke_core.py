@@ -464,6 +464,54 @@ def test_cancel_keeps_what_was_written_and_resumes_in_the_live_session(tmp_path,
     assert _same(_cached(settings.layout), _reference(engine, linear, alphas[0]))
 
 
+def test_mattes_written_behind_the_next_request_are_the_same_and_recorded_only_when_complete(
+        tmp_path, client, engine, clip, monkeypatch):
+    """Where a core is free (a service on a GPU or another machine) each cache matte is written on a worker thread
+    while the service mattes the next frame: the same files; a write that fails stops the analysis with its
+    error, and only completely written mattes are recorded, so the next run redoes the rest."""
+    import threading
+
+    from oavm_nuke import analysis
+    from shared.write_behind import core_is_free
+
+    assert core_is_free({"device": "cuda:0"}, "tcp://127.0.0.1:5555")
+    assert core_is_free({"device": "cpu"}, "tcp://render-node-7:5555")
+    assert not core_is_free({"device": "cpu"}, "ipc:///tmp/oavm.sock")
+    assert not core_is_free(client.status(), client.endpoint)      # the tests' CPU service: written in turn
+
+    linear, alphas = clip
+    write_matte, writers, fail_at = analysis.write_matte, [], []
+
+    def watched(path, *args):
+        if any(path.endswith(".%04d.exr" % f) for f in fail_at):
+            raise OSError(28, "No space left on device")
+        write_matte(path, *args)
+        writers.append(threading.current_thread().name)
+    monkeypatch.setattr(analysis, "write_matte", watched)
+
+    settings = _settings(tmp_path, "behind", write_behind=True)
+    report = Analyzer(client, settings, OiioFrameSource(linear, {FRAMES[0]: alphas[0]})).run()
+    assert report.computed == 4 and len(writers) == 4
+    assert all(name.startswith("oavm-write-behind") for name in writers)
+    assert _same(_cached(settings.layout), _reference(engine, linear, alphas[0]))
+    assert cache_status(settings.layout, "behind", FRAMES).complete
+
+    fail_at.append(1003)
+    settings = _settings(tmp_path, "full-disk", write_behind=True)
+    with pytest.raises(OSError, match="No space left"):
+        Analyzer(client, settings, OiioFrameSource(linear, {FRAMES[0]: alphas[0]})).run()
+    assert cache_status(settings.layout, "full-disk", FRAMES).missing == [1003, 1004]
+    fail_at.clear()
+    report = Analyzer(client, settings, OiioFrameSource(linear, {FRAMES[0]: alphas[0]})).run()
+    assert (report.reused, report.computed) == (2, 2)
+    assert _same(_cached(settings.layout), _reference(engine, linear, alphas[0]))
+
+    settings = _settings(tmp_path, "behind-cancel", write_behind=True)
+    report = Analyzer(client, settings, OiioFrameSource(linear, {FRAMES[0]: alphas[0]}), CancelAfter(2)).run()
+    assert report.cancelled and report.computed == 2
+    assert cache_status(settings.layout, "behind-cancel", FRAMES).cached == 2    # both writes finished first
+
+
 def test_lost_service_session_is_rebuilt(tmp_path, client, engine, clip):
     linear, alphas = clip
     settings = _settings(tmp_path, "lost", state_every=0)

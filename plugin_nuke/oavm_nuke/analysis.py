@@ -99,6 +99,8 @@ class AnalysisSettings:
     state_every: int = 25                 # save the service's clip state every this many positions (0: never)
     manifest_every: int = 10              # save the manifest every this many frames (and at the end)
     matte_pixel_type: int = exr.HALF      # cache precision: half, as mattes are usually kept (FLOAT in tests)
+    write_behind: Optional[bool] = None   # write each matte while the next frame is matted; None: where a core
+                                          # is free (a service on a GPU or another machine: core_is_free)
 
     def __post_init__(self) -> None:
         if not self.frames:
@@ -172,6 +174,7 @@ class Analyzer:
         self._mask_cache: Dict[int, np.ndarray] = {}
         self._corrections: set = set()
         self._full: Dict[int, bool] = {}           # frame -> the service may read the render itself
+        self._write_behind = False                 # decided in run(), from the service's status
 
     # ------------------------------------------------------------------------------------------ corrections
     def add_correction(self, frame: int) -> None:
@@ -205,7 +208,12 @@ class Analyzer:
         start = self.clock()
         report = AnalysisReport(frames=len(self.s.frames))
         self.layout.make_dirs()
-        root = root_key(checkpoint_identity(self.client.status()), OBJECT_ID, self.s.downsample_ratio)
+        status = self.client.status()
+        root = root_key(checkpoint_identity(status), OBJECT_ID, self.s.downsample_ratio)
+        self._write_behind = self.s.write_behind
+        if self._write_behind is None:
+            from shared.write_behind import core_is_free   # imported here: the core stays importable alone
+            self._write_behind = core_is_free(status, self.client.endpoint)
         if self.manifest.root != root:
             self.manifest.reset(root)
         first = self.s.frames[0]
@@ -334,6 +342,7 @@ class Analyzer:
 
     def _analyse_from(self, j: int, report: AnalysisReport) -> None:
         from shared.protocol import ErrorCode, OAVMServiceError   # imported here: the core stays importable alone
+        from shared.write_behind import WriteBehind
         for stale in [p for p in self.manifest.states if p >= j]:
             self._drop_state(stale)      # made from inputs before this change; rewritten as we go
         self._resume(j, report)
@@ -343,40 +352,51 @@ class Analyzer:
         report.first_computed = frames[j]
         t0 = self.clock()
         position = j
-        while position < total:
-            frame = frames[position]
-            key = self._key(position)
-            try:
-                result = self._send(position)
-            except OAVMServiceError as exc:
-                # The service lost or moved the clip we counted on (restart, LRU eviction): rebuild it once.
-                if report.resumed_from != "live session" or position != j or \
-                        exc.code not in (ErrorCode.UNKNOWN_CLIP, ErrorCode.OUT_OF_ORDER):
-                    raise
-                self._restore(j, report)
-                if report.cancelled:
+        # where a core is free, each matte is written while the service works on the next frame (at most two wait);
+        # the manifest records a matte only once its file is complete, never a half-written one
+        with WriteBehind(depth=2 if self._write_behind else 0) as writes:
+            while position < total:
+                frame = frames[position]
+                key = self._key(position)
+                try:
+                    result = self._send(position)
+                except OAVMServiceError as exc:
+                    # The service lost or moved the clip we counted on (restart, LRU eviction): rebuild it once.
+                    if report.resumed_from != "live session" or position != j or \
+                            exc.code not in (ErrorCode.UNKNOWN_CLIP, ErrorCode.OUT_OF_ORDER):
+                        raise
+                    self._restore(j, report)
+                    if report.cancelled:
+                        return
+                    continue
+                layer = result.layers.get(OBJECT_ID)
+                if layer is None:
+                    raise AnalysisError("the service returned no matte for object %r at frame %d"
+                                        % (OBJECT_ID, frame))
+                path = self.layout.matte(frame)
+                writes.submit(write_matte, path, layer["alpha"], layer["fgmask"], self.s.matte_pixel_type,
+                              then=self._recorder(frame, position, key, path))
+                self.manifest.session = {"position": position, "key": key}
+                report.computed += 1
+                if self.s.state_every and self.s.local and (position + 1) % self.s.state_every == 0 \
+                        and position + 1 < total:
+                    self._save_state(position, key)
+                if report.computed % self.s.manifest_every == 0:
+                    self.manifest.save(self.layout.manifest)
+                self._release_behind(position)
+                elapsed = self.clock() - t0
+                fps = report.computed / elapsed if elapsed > 0 else 0.0
+                self.progress.update(position + 1, total, "frame %d (%d/%d)%s" % (
+                    frame, position + 1, total, " - %.1f frames/s" % fps if fps else ""))
+                position += 1
+                if position < total and self._cancel(report, position):
                     return
-                continue
-            layer = result.layers.get(OBJECT_ID)
-            if layer is None:
-                raise AnalysisError("the service returned no matte for object %r at frame %d" % (OBJECT_ID, frame))
-            write_matte(self.layout.matte(frame), layer["alpha"], layer["fgmask"], self.s.matte_pixel_type)
-            self.manifest.record_matte(frame, position, key, self.layout.matte(frame))
-            self.manifest.session = {"position": position, "key": key}
-            report.computed += 1
-            if self.s.state_every and self.s.local and (position + 1) % self.s.state_every == 0 \
-                    and position + 1 < total:
-                self._save_state(position, key)
-            if report.computed % self.s.manifest_every == 0:
-                self.manifest.save(self.layout.manifest)
-            self._release_behind(position)
-            elapsed = self.clock() - t0
-            fps = report.computed / elapsed if elapsed > 0 else 0.0
-            self.progress.update(position + 1, total, "frame %d (%d/%d)%s" % (
-                frame, position + 1, total, " - %.1f frames/s" % fps if fps else ""))
-            position += 1
-            if position < total and self._cancel(report, position):
-                return
+
+    def _recorder(self, frame: int, position: int, key: str, path: str) -> Callable[[None], None]:
+        """What follows a matte's write (on this thread): the manifest's record of the complete file."""
+        def record(_: None) -> None:
+            self.manifest.record_matte(frame, position, key, path)
+        return record
 
     def _save_state(self, position: int, key: str) -> None:
         """Keep the service's clip state at ``position`` in the cache, so a re-prompt later resumes from here."""
