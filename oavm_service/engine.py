@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import os
+import warnings
 from dataclasses import dataclass, fields
 from typing import Any, Mapping
 
@@ -420,4 +421,9 @@ class ClipSession:
         return packed[:, 0], packed[:, 1], packed[:, 2:5] if packed.shape[1] > 2 else None
 
     def _to_device(self, a: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(np.ascontiguousarray(a)).to(self.engine.device, non_blocking=True)
+        """The array on the engine's device. A service's frames are read-only views (of a message or of the client's
+        shared memory), which torch.from_numpy warns about once per process, in the service's log; the tensor is
+        only read (copied to the device), so the warning says nothing here."""
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            return torch.from_numpy(np.ascontiguousarray(a)).to(self.engine.device, non_blocking=True)

@@ -4,6 +4,7 @@ refuses bad input with OAVMInputError."""
 from __future__ import annotations
 
 import io
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -236,3 +237,28 @@ def test_mattes_only_session_gives_the_same_alpha(engine, make_clip, ratio):
         np.testing.assert_allclose(got.alpha, want.alpha, atol=1e-5)
         np.testing.assert_allclose(got.fgmask, want.fgmask, atol=1e-6)
     assert 0.01 < want.alpha.mean() < 0.99  # a matte, not a constant
+
+
+def test_read_only_frames_reach_the_device_without_a_warning_in_the_log():
+    """A service's frames are read-only views (of a message, or of the client's shared memory): the engine copies
+    them to the device without torch's "not writable" warning landing in the service log. In fresh interpreters
+    with warnings as errors, because torch gives that warning once per process."""
+    import subprocess
+    import sys
+
+    setup = "import numpy as np, torch; frame = np.zeros((16, 24, 3), np.uint8); frame.setflags(write=False)\n"
+    engine = """
+from oavm_service.engine import Engine
+from oavm_service.model import OAVM, OAVMConfig
+session = Engine(OAVM(OAVMConfig.tiny()), device="cpu").new_session()
+assert torch.equal(session._to_device(frame), torch.zeros(16, 24, 3, dtype=torch.uint8))
+"""
+
+    def run(code: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-W", "error::UserWarning", "-c", setup + code], capture_output=True,
+                              text=True, cwd=Path(__file__).resolve().parents[1])
+
+    bare = run("torch.from_numpy(frame)")
+    assert bare.returncode != 0 and "not writable" in bare.stderr     # what the engine keeps out of the log
+    guarded = run(engine)
+    assert guarded.returncode == 0, guarded.stderr[-2000:]
