@@ -1,5 +1,6 @@
 # SPDX-License-Identifier: GPL-3.0-or-later
-"""What the OAVM plug-ins share with the service: the wire protocol and the client.
+"""What the OAVM plug-ins share with the service: the wire protocol, the client, and what a frame on the wire is
+(``colour``: display-referred, the sRGB curve for linear plates).
 
 Imports only numpy, pyzmq, msgpack and the standard library, because it runs inside Blender's and Nuke's Python;
 ``build.py dist`` vendors this package into each plug-in, so it imports itself relatively.
@@ -7,6 +8,7 @@ Imports only numpy, pyzmq, msgpack and the standard library, because it runs ins
 from .protocol import (DEFAULT_ENDPOINT, PROTOCOL_VERSION, ErrorCode, OAVMServiceError, OAVMServiceUnavailable,
                        ProtocolError)
 from .client import MatteResult, OAVMClient
+from . import colour
 
 __all__ = ["DEFAULT_ENDPOINT", "PROTOCOL_VERSION", "ErrorCode", "MatteResult", "OAVMClient", "OAVMServiceError",
-           "OAVMServiceUnavailable", "ProtocolError"]
+           "OAVMServiceUnavailable", "ProtocolError", "colour"]

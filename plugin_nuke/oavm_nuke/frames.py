@@ -1,11 +1,10 @@
 # SPDX-License-Identifier: GPL-3.0-or-later
 """Frames and masks as the client sends them, read from the EXR files Nuke's Write nodes render.
 
-The service expects display-referred RGB in [0, 1] (the network learnt from sRGB video, see
-``oavm_service/io/colour.py``); a Write node writes Nuke's scene-linear working space. When the service reads a
-file itself (``matte_file``) it applies the sRGB curve to float data; when the gizmo sends pixels (the first frame,
-re-prompts, a remote service) it must do the same here, or one clip would be seen in two colour encodings.
-The curve is repeated here (a few lines) because plug-ins may import only ``shared/`` and their host's API.
+The service expects display-referred RGB in [0, 1] (the network learnt from sRGB video); a Write node writes
+Nuke's scene-linear working space. When the service reads a file itself (``matte_file``) it applies the sRGB curve
+to float data; when the gizmo sends pixels (the first frame, re-prompts, a remote service) it applies the same
+curve here, ``shared/colour.py`` for both, so one clip is never seen in two colour encodings.
 """
 from __future__ import annotations
 
@@ -17,16 +16,11 @@ import numpy as np
 from .cache import pixel_digest
 from .exr import ExrError, ExrImage, read_exr, stored_pixels_digest
 
-_A, _GAMMA, _LINEAR_CUTOFF, _SLOPE = 0.055, 2.4, 0.0031308, 12.92   # IEC 61966-2-1
-
 
 def linear_to_display(rgb: np.ndarray) -> np.ndarray:
     """Scene-linear -> sRGB-encoded [0, 1] float32, NaN/inf made finite and highlights clipped as the service does."""
-    x = np.nan_to_num(np.asarray(rgb, dtype=np.float32), nan=0.0, posinf=1.0, neginf=0.0)
-    x = np.maximum(x, 0.0)
-    encoded = np.where(x <= _LINEAR_CUTOFF, x * _SLOPE,
-                       (1.0 + _A) * np.power(x, 1.0 / _GAMMA, dtype=np.float32) - _A)
-    return np.clip(encoded, 0.0, 1.0).astype(np.float32)
+    from shared.colour import display_frame     # imported here: the core stays importable alone
+    return display_frame(rgb, linear=True)
 
 
 def _missing(path: str, what: str) -> ExrError:

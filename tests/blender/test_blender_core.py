@@ -21,13 +21,13 @@ from plugin_blender.core import service as core_service
 from plugin_blender.core.clipid import check_clip_id, default_clip_id
 from plugin_blender.core.errors import FrameRangeError, MaskError, OAVMBlenderError, SourceError
 from plugin_blender.core.frames import FrameMap, FrameRange, SequenceFiles, matte_files
-from plugin_blender.core.imageio import (colorspace_from_blender, linear_to_srgb, read_frame, read_matte_exr,
-                                         write_matte_exr)
+from plugin_blender.core.imageio import colorspace_from_blender, read_frame, read_matte_exr, write_matte_exr
 from plugin_blender.core.job import MatteJob, existing_matte, reprompt_prompts, run_job
 from plugin_blender.core.raster import (BezierSpline, MaskLayerShape, check_prompt_sizes, mask_from_pixels,
                                         mask_to_pixels, object_ids_from_names, rasterise_layer, rasterise_mask)
 from plugin_blender.core.worker import JobThread
 from shared import OAVMClient, OAVMServiceUnavailable
+from shared.colour import linear_to_srgb
 from tests.blender.synthetic_clip import FRAMES, HEIGHT, WIDTH, direct_mattes, rect_mask, write_png
 from tests.helpers.live_service import free_port
 
@@ -215,6 +215,29 @@ def test_plates_are_sent_display_referred(tmp_path):
     assert float(linear_to_srgb(np.float32(1.0))) == pytest.approx(1.0)
     with pytest.raises(SourceError, match="cannot read"):
         read_frame(tmp_path / "missing.png")
+
+
+def test_half_float_plates_are_read_as_half_and_give_the_float_path_s_frame(tmp_path):
+    """A half EXR (the usual plate) is read as half and converted through the table of every half value: the very
+    frame that the same values stored as float32 give, NaN, negatives and highlights included."""
+    rng = np.random.default_rng(7)
+    linear = rng.uniform(-0.1, 4.0, (24, 40, 3)).astype(np.float16)
+    linear[0, 0] = [np.nan, np.inf, -np.inf]
+    from shared import colour
+
+    colour._half_table.cache_clear()
+    frames = {}
+    for name, kind in (("half", oiio.HALF), ("float", oiio.FLOAT)):
+        buf = oiio.ImageBuf(oiio.ImageSpec(40, 24, 3, kind))
+        buf.set_pixels(oiio.ROI(), linear.astype(np.float32))
+        assert buf.write(str(tmp_path / f"{name}.exr"))
+        frames[name] = {space: read_frame(tmp_path / f"{name}.exr", space) for space in ("auto", "display")}
+    for space in ("auto", "display"):
+        half, full = frames["half"][space], frames["float"][space]
+        assert half.dtype == np.float32 and half.shape == (24, 40, 3) and np.array_equal(half, full), space
+    assert np.allclose(frames["half"]["auto"][0, 0], [0.0, 1.0, 0.0], atol=1e-6)    # NaN, +inf, -inf
+    assert 0.0 <= frames["half"]["auto"].min() and frames["half"]["auto"].max() <= 1.0
+    assert colour._half_table.cache_info().currsize == 2            # the half file went through the tables
 
 
 @pytest.mark.parametrize("name, expected", [("sRGB", "display"), ("Linear Rec.709", "linear"), ("ACEScg", "linear"),
