@@ -172,6 +172,13 @@ def test_source_colour_matches_what_the_service_does_with_a_file(tmp_path):
     assert frame.full_window
     assert np.allclose(linear_to_display(np.array([0.0, 0.0031308, 0.18, 1.0, 4.0])),
                        [0.0, 0.0404, 0.4614, 1.0, 1.0], atol=1e-4)
+    # a half render (what the gizmo's Write nodes make) is kept half and goes through the curve's table: the same
+    # frame as the service's float32 conversion of those values
+    _oiio_write(tmp_path / "h.exr", {c: linear[..., i] for i, c in enumerate("RGB")}, pixel="half")
+    half = load_source(str(tmp_path / "h.exr"))
+    assert half.linear.dtype == np.float16
+    expected = to_network_rgb(linear.astype(np.float16).astype(np.float32), InputColorspace.LINEAR)
+    assert half.display.dtype == np.float32 and np.array_equal(half.display, expected)
 
 
 def _chunks_reversed_in_file(src, dst):

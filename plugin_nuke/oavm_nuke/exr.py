@@ -221,14 +221,16 @@ def _chunks(path: str, layout: _Layout) -> Iterator[Tuple[int, bytes]]:
             yield y, data
 
 
-def read_exr(path: str) -> ExrImage:
-    """Read every channel of a scanline EXR as float32 planes over its data window."""
+def read_exr(path: str, *, keep_half: bool = False) -> ExrImage:
+    """Read every channel of a scanline EXR as float32 planes over its data window; ``keep_half``: half channels
+    as float16 planes (a Source frame sent as pixels then takes the sRGB curve's table, ``shared/colour.py``)."""
     path = os.fspath(path)
     layout = _layout(path)
     chans, dw, lines = layout.channels, layout.data_window, layout.lines
     width, height = dw[2] - dw[0] + 1, dw[3] - dw[1] + 1
     row_bytes = [width * _DTYPES[t].itemsize for _, t, _, _ in chans]
-    planes = {name: np.empty((height, width), dtype=np.float32) for name, _, _, _ in chans}
+    planes = {name: np.empty((height, width), dtype=np.float16 if keep_half and t == HALF else np.float32)
+              for name, t, _, _ in chans}
     for y, data in _chunks(path, layout):
         n_lines = min(lines, dw[3] - y + 1)
         expected = n_lines * sum(row_bytes)

@@ -28,24 +28,26 @@ def _missing(path: str, what: str) -> ExrError:
                     "Nuke's render error)" % (what, path))
 
 
-def _read(path: str, what: str) -> ExrImage:
+def _read(path: str, what: str, keep_half: bool = False) -> ExrImage:
     try:
-        return read_exr(path)
+        return read_exr(path, keep_half=keep_half)
     except FileNotFoundError:
         raise _missing(path, what) from None
 
 
 @dataclass
 class SourceFrame:
-    linear: np.ndarray        # (H, W, 3) float32, the Write node's scene-linear pixels over the display window
+    linear: np.ndarray        # (H, W, 3) the Write node's scene-linear pixels over the display window, as stored
+                              # (float16 from a half render, else float32)
     digest: str               # the cache key's part for this frame (source_digest)
     full_window: bool         # data window == display window: the service may read the file itself
     _display: Optional[np.ndarray] = field(default=None, repr=False)
 
     @property
     def display(self) -> np.ndarray:
-        """The same pixels display-referred: what the service's network sees. Made when first asked for: most
-        frames are only hashed here (the service reads the file itself), and the sRGB curve costs 130 ms at 1080p."""
+        """The same pixels display-referred, float32: what the service's network sees. Made when first asked for
+        (most frames are only keyed here; the service reads the file itself); a half render through the curve's
+        table (shared/colour.py)."""
         if self._display is None:
             self._display = linear_to_display(self.linear)
         return self._display
@@ -66,7 +68,7 @@ def load_source(path: str) -> SourceFrame:
     """A rendered Source frame, decoded (for frames sent as pixels). ``full_window`` is False when Nuke wrote a
     bounding box other than the format (the service reads a file's data window, the gizmo works on the format);
     such frames go as pixels."""
-    raw = _read(path, "Source")
+    raw = _read(path, "Source", keep_half=True)
     image = raw.in_display_window()
     rgb = np.stack([image.channel("R", "rgba.red"), image.channel("G", "rgba.green"),
                     image.channel("B", "rgba.blue")], axis=-1)
