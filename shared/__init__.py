@@ -8,7 +8,7 @@ Imports only numpy, pyzmq, msgpack and the standard library, because it runs ins
 from .protocol import (DEFAULT_ENDPOINT, PROTOCOL_VERSION, ErrorCode, OAVMServiceError, OAVMServiceUnavailable,
                        ProtocolError)
 from .client import MatteResult, OAVMClient
-from . import colour
+from . import colour, write_behind
 
 __all__ = ["DEFAULT_ENDPOINT", "PROTOCOL_VERSION", "ErrorCode", "MatteResult", "OAVMClient", "OAVMServiceError",
-           "OAVMServiceUnavailable", "ProtocolError", "colour"]
+           "OAVMServiceUnavailable", "ProtocolError", "colour", "write_behind"]

@@ -25,6 +25,7 @@ from .errors import MaskError, OAVMBlenderError
 from .frames import matte_files
 from .imageio import read_frame, read_matte_exr, write_matte_exr
 from .raster import check_prompt_sizes
+from .service import shared_module
 
 
 @dataclass
@@ -39,6 +40,8 @@ class MatteJob:
     downsample_ratio: float | None = None  # None: the service chooses
     half: bool = True                      # EXR pixel type of the mattes
     empty_objects: list[str] = field(default_factory=list)   # objects lost before frames[0]: written as 0
+    write_behind: bool | None = None       # write each matte while the next frame is read; None: where a core is
+                                           # free (a service on a GPU or another machine)
 
     def check(self) -> None:
         """Refuse an incomplete job before anything is sent or written."""
@@ -125,17 +128,30 @@ def run_job(client: Any, job: MatteJob, *, progress: Callable[[JobProgress], Non
     rest = (read_frame(job.frame_paths[number], job.colorspace) for number in job.frames[1:])
     results = client.matte_stream(job.clip_id, first + 1, rest)      # lazy: nothing is sent before next()
     cancelled = False
+    shared = shared_module()
+    behind = job.write_behind
+    if behind is None:
+        behind = shared.write_behind.core_is_free(client.status(), client.endpoint)
+
+    def write(number: int, layers: dict[str, np.ndarray]) -> int:
+        write_matte_exr(files.path(number), layers, half=job.half)
+        return number
+
+    def done(number: int) -> None:          # on this thread, in frame order, once the file is complete
+        written.append(number)
+        if progress is not None:
+            progress(JobProgress(len(written), len(job.frames), number, time.monotonic() - started))
+
     try:
-        for index, number in enumerate(job.frames):
-            if index > 0:
-                if cancel is not None and cancel.is_set():
-                    cancelled = True       # the frame already at the service is matted there, not written
-                    break
-                result = next(results)
-            write_matte_exr(files.path(number), _alpha_layers(result.layers, object_ids, shape), half=job.half)
-            written.append(number)
-            if progress is not None:
-                progress(JobProgress(len(written), len(job.frames), number, time.monotonic() - started))
+        # where a core is free, each matte is written on a worker thread while the next frame is read and sent
+        with shared.write_behind.WriteBehind(depth=2 if behind else 0) as writes:
+            for index, number in enumerate(job.frames):
+                if index > 0:
+                    if cancel is not None and cancel.is_set():
+                        cancelled = True       # the frame already at the service is matted there, not written
+                        break
+                    result = next(results)
+                writes.submit(write, number, _alpha_layers(result.layers, object_ids, shape), then=done)
     finally:
         results.close()
         _close_quietly(client, job.clip_id)

@@ -283,6 +283,36 @@ def test_job_writes_the_services_mattes_for_every_frame(full_run, direct_rect):
     assert direct_rect[FRAMES]["disc"].max() > direct_rect[FRAMES]["disc"].min()   # a matte, not a constant
 
 
+def test_mattes_written_behind_the_next_frame_are_the_same_files_in_order(full_run, service, plates, tmp_path,
+                                                                         monkeypatch):
+    """Where a core is free (a service on a GPU or another machine) each matte is written on a worker thread while
+    the next plate is read and sent: the same mattes, progress in frame order and only for complete files."""
+    from plugin_blender.core import job as core_job
+    from shared.write_behind import core_is_free
+
+    with OAVMClient(service, timeout_s=120) as client:
+        assert not core_is_free(client.status(), client.endpoint)        # the tests' CPU service: written in turn
+        writers, progress = [], []
+        write = core_job.write_matte_exr
+
+        def watched(path, layers, *, half):
+            write(path, layers, half=half)
+            writers.append(threading.current_thread().name)
+        monkeypatch.setattr(core_job, "write_matte_exr", watched)
+
+        def complete(p):
+            assert os.path.isfile(matte_files(tmp_path).path(p.frame))   # reported once the file is there
+            progress.append(p.frame)
+        job = _job(plates, tmp_path, "core-behind")
+        job.write_behind = True
+        result = run_job(client, job, progress=complete)
+    assert result.written == progress == list(range(1, FRAMES + 1)) and not result.cancelled
+    assert len(writers) == FRAMES and all(name.startswith("oavm-write-behind") for name in writers)
+    for f in range(1, FRAMES + 1):
+        assert np.array_equal(read_matte_exr(matte_files(tmp_path).path(f))["disc"],
+                              read_matte_exr(matte_files(full_run[2]).path(f))["disc"])
+
+
 def test_cancel_keeps_the_complete_frames_already_written(service, plates, tmp_path):
     cancel = threading.Event()
 
