@@ -1,7 +1,7 @@
 # SPDX-License-Identifier: GPL-3.0-or-later
 """Work beside the network on a worker thread: items produced one ahead and handed out in order (the farm batch's
 next plate while this frame is in the network, the trainer's next batch while this step runs on the GPU). Results
-written behind in order are ``shared.write_behind`` (the Nuke gizmo uses it too)."""
+written behind in order are ``shared.write_behind`` (the plug-ins use it too)."""
 from __future__ import annotations
 
 from concurrent.futures import Future, ThreadPoolExecutor

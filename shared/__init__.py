@@ -1,6 +1,7 @@
 # SPDX-License-Identifier: GPL-3.0-or-later
-"""What the OAVM plug-ins share with the service: the wire protocol, the client, and what a frame on the wire is
-(``colour``: display-referred, the sRGB curve for linear plates).
+"""What the OAVM plug-ins share with the service: the wire protocol, the client, what a frame on the wire is
+(``colour``: display-referred, the sRGB curve for linear plates) and writing results behind the network
+(``write_behind``).
 
 Imports only numpy, pyzmq, msgpack and the standard library, because it runs inside Blender's and Nuke's Python;
 ``build.py dist`` vendors this package into each plug-in, so it imports itself relatively.

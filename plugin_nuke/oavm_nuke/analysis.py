@@ -14,9 +14,10 @@ One analysis run, for the frame list F (the order the model sees, see framerange
 3. Analyse j..end: ``open_clip`` with the Mask at F[0]; ``reprompt`` at every frame that has a correction
    ("Re-prompt here": the Mask input rendered at that frame, paper section 3: a prompt replaces the object's
    long-term memory); otherwise ``matte_file`` (a local service reads the rendered EXR itself) or ``matte``
-   (pixels, for a remote service). Each matte is written to ``matte.<frame>.exr`` as soon as it arrives, the
-   manifest every few frames, and the service's clip state every ``state_every`` positions, so that a later
-   re-prompt resumes near its frame instead of from F[0].
+   (pixels, for a remote service). Each matte is written to ``matte.<frame>.exr`` as soon as it arrives (where a
+   core is free, on a worker thread while the next frame is matted), the manifest every few frames, and the
+   service's clip state every ``state_every`` positions, so that a later re-prompt resumes near its frame instead
+   of from F[0].
 
 Cancelling (the progress dialog's button) stops after the current frame; what was written stays valid.
 """
