@@ -40,7 +40,7 @@ from oavm_service.heap import release_freed_memory
 from shared.protocol import (DEFAULT_ENDPOINT, MAX_HEADER_BYTES, MAX_IN_FLIGHT, PROTOCOL_VERSION, REPLY_DTYPES,
                              ErrorCode, Limits, Message, OAVMServiceError, Op, ProtocolError, decode_message,
                              encode_message, error_header, is_loopback, layer_buffers, reply_header, to_rgb)
-from shared.shared_memory import ALIGN, SegmentMap, default_dir
+from shared.shared_memory import SegmentMap, default_dir, largest_slot, segment_bytes
 
 if TYPE_CHECKING:  # the engine pulls in torch; `oavm serve --help` and `oavm keygen` should not wait for it
     from oavm_service.engine import ClipSession, Engine, Matte
@@ -228,9 +228,9 @@ class Service:
         self.loopback = is_loopback(config.endpoint)
         self.store = ClipStore(engine, config.state_dir, config.max_clips)
         shm_dir = default_dir() if config.shared_memory and self.loopback else None
-        # a client's segment holds the pixels of MAX_IN_FLIGHT requests, each buffer aligned
-        slot = self.limits.max_message_bytes + ALIGN * (self.limits.max_buffers + 2)
-        self.segments = SegmentMap(shm_dir, max_segment_bytes=ALIGN + MAX_IN_FLIGHT * slot) if shm_dir else None
+        # a client's segment holds the pixels of MAX_IN_FLIGHT requests of at most one message's bytes each
+        largest = segment_bytes(largest_slot(self.limits.max_message_bytes, self.limits.max_buffers), MAX_IN_FLIGHT)
+        self.segments = SegmentMap(shm_dir, max_segment_bytes=largest) if shm_dir else None
         self.started = time.time()
         self.handlers: dict[str, Callable[[Message], tuple[dict, list]]] = {
             Op.STATUS: self._status, Op.OPEN_CLIP: self._open_clip, Op.MATTE: self._matte,

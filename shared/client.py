@@ -31,7 +31,7 @@ from .protocol import (DEFAULT_ENDPOINT, DTYPES, MAX_IN_FLIGHT, REPLY_DTYPES, Bu
                        OAVMServiceError, OAVMServiceUnavailable, Op, ProtocolError, Region, decode_message,
                        default_channels, encode_message, is_loopback, layers_from_buffers, raise_for_error,
                        request_header, rgb_order, to_mask)
-from .shared_memory import ALIGN, Segment, SharedMemoryError, aligned, default_dir
+from .shared_memory import Segment, SharedMemoryError, default_dir, segment_bytes, slot_bytes, slot_offset
 
 __all__ = ["DEFAULT_ENDPOINT", "MatteResult", "OAVMClient", "load_curve_keys"]
 
@@ -314,13 +314,13 @@ class OAVMClient:
         message (no shared memory here, or the slot is too small and a request is in flight)."""
         if self._shm_dir is None or self.shm_verdict not in (None, "ok"):
             return None
-        needed = sum(aligned(b.array.nbytes) for b in request.buffers) + ALIGN
+        needed = slot_bytes(b.array.nbytes for b in request.buffers)
         if needed > self._slot_bytes:
             if not growable:
                 return None
             self._retire_segment()
             try:
-                self._segment = Segment(ALIGN + MAX_IN_FLIGHT * needed, self._shm_dir)
+                self._segment = Segment(segment_bytes(needed, MAX_IN_FLIGHT), self._shm_dir)
             except SharedMemoryError as exc:
                 self.shm_verdict = f"not used: {exc}"
                 return None
@@ -333,7 +333,7 @@ class OAVMClient:
                     self._retire_segment()
             if self.shm_verdict != "ok":
                 return None
-        return Region(self._segment.path, self._segment.memory, ALIGN + request.slot * self._slot_bytes,
+        return Region(self._segment.path, self._segment.memory, slot_offset(request.slot, self._slot_bytes),
                       self._slot_bytes)
 
     def _probe(self) -> None:

@@ -25,7 +25,7 @@ import re
 import stat
 import weakref
 from collections import OrderedDict
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 PREFIX = "oavm-shm-"
 NAME = re.compile(r"oavm-shm-(?P<pid>\d+)-[0-9a-f]{16}\Z")
@@ -42,6 +42,30 @@ def default_dir() -> str | None:
 
 def aligned(n: int) -> int:
     return -(-int(n) // ALIGN) * ALIGN
+
+
+# A client's segment: the token's cache line, then one slot per request it may have in flight; a slot holds the
+# request's buffers, each from a cache line. The client sizes segments by these, the service bounds them by them.
+
+def slot_bytes(buffer_bytes: Iterable[int]) -> int:
+    """The slot for buffers of these sizes: each aligned, and a line to spare."""
+    return sum(aligned(n) for n in buffer_bytes) + ALIGN
+
+
+def largest_slot(max_bytes: int, max_buffers: int) -> int:
+    """The largest :func:`slot_bytes` of at most ``max_buffers`` buffers of ``max_bytes`` in all (alignment adds
+    less than a line to each)."""
+    return int(max_bytes) + ALIGN * (int(max_buffers) + 1)
+
+
+def segment_bytes(slot: int, slots: int) -> int:
+    """A segment of ``slots`` slots of ``slot`` bytes."""
+    return ALIGN + int(slots) * int(slot)
+
+
+def slot_offset(index: int, slot: int) -> int:
+    """Where slot ``index`` starts."""
+    return ALIGN + int(index) * int(slot)
 
 
 class SharedMemoryError(Exception):

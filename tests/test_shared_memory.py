@@ -195,3 +195,31 @@ def test_a_folder_without_room_refuses_the_segment_when_it_is_made(folder: Path)
     assert done.returncode == 0, done.stderr
     assert "cannot reserve 1 MiB" in done.stdout and "--shm-size" in done.stdout
     assert not list(folder.iterdir())                          # and no file was left behind
+
+
+def test_the_services_bound_holds_every_segment_a_client_makes_within_the_limits(folder: Path) -> None:
+    """The segment layout the client sizes by and the service bounds by is one set of functions: any request within
+    the message limits gets a slot no larger than the service's largest, and its buffers fit in it as placed."""
+    from shared.protocol import MAX_IN_FLIGHT, Limits
+    from shared.shared_memory import largest_slot, segment_bytes, slot_bytes, slot_offset
+
+    limits = Limits(max_message_bytes=10_000, max_buffers=4)
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        n = int(rng.integers(1, limits.max_buffers + 1))
+        cuts = np.sort(rng.integers(0, limits.max_message_bytes + 1, n - 1))
+        sizes = np.diff(np.concatenate([[0], cuts, [limits.max_message_bytes]])).tolist()
+        assert slot_bytes(sizes) <= largest_slot(limits.max_message_bytes, limits.max_buffers)
+    sizes = [1, ALIGN + 1, 3 * ALIGN - 1]
+    slot = slot_bytes(sizes)
+    segment = Segment(segment_bytes(slot, MAX_IN_FLIGHT), str(folder))
+    try:
+        for index in range(MAX_IN_FLIGHT):
+            region = Region(segment.path, segment.memory, slot_offset(index, slot), slot)
+            arrays = [np.full(size, index + 1, np.uint8) for size in sizes]
+            parts = encode_message(request_header("matte", "r"), [Buffer(f"b{i}", a) for i, a in enumerate(arrays)],
+                                   region=region)
+            assert len(parts) == 1                                    # every buffer placed in the slot
+            assert slot_offset(index, slot) + slot <= segment.size
+    finally:
+        segment.close()
