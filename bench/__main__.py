@@ -61,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, help="torch/onnxruntime threads (default: torch's, i.e. the cores)")
     p.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
                    help="CUDA rows: run every step eagerly (default: the engine's CUDA graphs, as the product runs)")
-    for name in ("speed", "memory", "service", "rvm", "profile"):
+    for name in ("speed", "memory", "service", "rvm", "profile", "plugins"):
         p.add_argument(f"--skip-{name}", action="store_true", help=f"leave out the {name} bench")
     p.add_argument("--service-variants-at", default=SERVICE_TARGET_SIZE, metavar="WxH",
                    help="frame size of the service rows with float16 and streamed frames (default the target's, "
@@ -125,6 +125,7 @@ def run(args: argparse.Namespace, workdir: Path) -> tuple[list[Row], dict]:
     from bench.breakdown import run_breakdown
     from bench.memory import run_memory
     from bench.models import resolve_checkpoint
+    from bench.plugins import run_plugins
     from bench.rvm import run_rvm
     from bench.service_hop import run_service
     from bench.speed import run_speed
@@ -150,6 +151,8 @@ def run(args: argparse.Namespace, workdir: Path) -> tuple[list[Row], dict]:
             rows += prof_rows
             if raw:
                 extra["profile"].append(raw)
+    if not args.skip_plugins:   # the plug-ins' own file work per frame, at the service rows' size
+        rows += run_plugins(Resolution.parse(args.service_variants_at), opts)
     return rows, extra
 
 

@@ -23,7 +23,7 @@ from bench.breakdown import LABEL_PREFIX, stage_labels  # noqa: E402
 from bench.common import DeviceSpec, PeakMemory, Resolution, SampleClip, time_steps  # noqa: E402
 from bench.report import Row, format_table  # noqa: E402
 
-BENCHES = {"speed", "memory", "service", "rvm", "profile"}
+BENCHES = {"speed", "memory", "service", "rvm", "profile", "plugins"}
 
 
 @pytest.fixture(scope="module")
@@ -99,6 +99,13 @@ def test_quick_run_records_one_table_as_json_and_png(quick_run):
     assert {"backbone", "pfe", "oqg", "ogcr", "decoder", "engine + glue"} <= stages
     assert all("ms/step" in r.value for r in profile)
     assert data["meta"]["profile"][0]["top_ops"], "the JSON keeps the top operators of the profile"
+
+    plugins = [r for r in rows if r.bench == "plugins"]      # the plug-ins' own file work, at the variants' size
+    assert [r.input for r in plugins] == [f"64x48 {what}" for what in (
+        "nuke: key a Source render", "nuke: a frame sent as pixels", "nuke: write a cache matte",
+        "blender: read a plate", "blender: write a matte")]
+    assert all(r.frames == 3 and r.fps > 0 and r.p50_ms > 0 and r.note for r in plugins)
+    assert any("plugins cpu 64x48 blender: write a matte: " in line for line in progress), proc.stderr
 
 
 def test_quick_run_plot_is_a_small_png(quick_run):
