@@ -28,8 +28,9 @@ def _soft(mask: np.ndarray, radius: int) -> np.ndarray:
     """A box-blurred copy of a 0/1 mask: edges as a matte has them (a hard mask compresses unlike a matte)."""
     out = mask.astype(np.float32)
     for axis in (0, 1):
-        padded = np.pad(out, [(radius + 1, radius)] if axis == 0 else [(0, 0), (radius + 1, radius)], mode="edge")
-        sums = np.cumsum(padded, axis=axis)
+        widths = [(0, 0), (0, 0)]
+        widths[axis] = (radius + 1, radius)          # this axis only: the result keeps the mask's shape
+        sums = np.cumsum(np.pad(out, widths, mode="edge"), axis=axis)
         size = out.shape[axis]
         out = (np.take(sums, range(2 * radius + 1, 2 * radius + 1 + size), axis=axis)
                - np.take(sums, range(size), axis=axis)) / (2 * radius + 1)

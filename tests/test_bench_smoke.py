@@ -108,6 +108,18 @@ def test_quick_run_records_one_table_as_json_and_png(quick_run):
     assert any("plugins cpu 64x48 blender: write a matte: " in line for line in progress), proc.stderr
 
 
+def test_plugin_bench_matte_keeps_the_mask_shape_with_soft_edges():
+    """The plugins rows write a matte of the frame's size: the mask box-blurred along each axis, nothing added."""
+    from bench.plugins import _soft
+
+    mask = np.zeros((48, 64), np.float32)
+    mask[10:30, 20:40] = 1.0
+    soft = _soft(mask, 3)
+    assert soft.shape == mask.shape and soft.dtype == np.float32
+    assert soft[20, 17] == pytest.approx(1 / 7) and soft[20, 20] == pytest.approx(4 / 7) and soft[20, 30] == 1.0
+    assert soft.min() == 0.0 and soft.max() == 1.0
+
+
 def test_quick_run_plot_is_a_small_png(quick_run):
     import OpenImageIO as oiio
 
