@@ -37,11 +37,17 @@ def _read(path: str, what: str, keep_half: bool = False) -> ExrImage:
 
 @dataclass
 class SourceFrame:
+    path: str
     linear: np.ndarray        # (H, W, 3) the Write node's scene-linear pixels over the display window, as stored
                               # (float16 from a half render, else float32)
-    digest: str               # the cache key's part for this frame (source_digest)
     full_window: bool         # data window == display window: the service may read the file itself
     _display: Optional[np.ndarray] = field(default=None, repr=False)
+
+    @property
+    def digest(self) -> str:
+        """The cache key's part for this frame, :func:`source_digest` of the file. Read only when asked: the
+        analysis keys every frame before it decides to send one as pixels, so decoding does not key it again."""
+        return source_digest(self.path)[0]
 
     @property
     def display(self) -> np.ndarray:
@@ -72,8 +78,7 @@ def load_source(path: str) -> SourceFrame:
     image = raw.in_display_window()
     rgb = np.stack([image.channel("R", "rgba.red"), image.channel("G", "rgba.green"),
                     image.channel("B", "rgba.blue")], axis=-1)
-    digest, full_window = source_digest(path)
-    return SourceFrame(rgb, digest, full_window)
+    return SourceFrame(path, rgb, raw.data_window == raw.display_window)
 
 
 def load_mask(path: str) -> Tuple[np.ndarray, str]:
