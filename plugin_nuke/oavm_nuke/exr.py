@@ -229,14 +229,15 @@ def read_exr(path: str, *, keep_half: bool = False) -> ExrImage:
     chans, dw, lines = layout.channels, layout.data_window, layout.lines
     width, height = dw[2] - dw[0] + 1, dw[3] - dw[1] + 1
     row_bytes = [width * _DTYPES[t].itemsize for _, t, _, _ in chans]
+    line_bytes = sum(row_bytes)                                  # a line holds each channel's row in turn
     planes = {name: np.empty((height, width), dtype=np.float16 if keep_half and t == HALF else np.float32)
               for name, t, _, _ in chans}
     for y, data in _chunks(path, layout):
         n_lines = min(lines, dw[3] - y + 1)
-        expected = n_lines * sum(row_bytes)
+        expected = n_lines * line_bytes
         if len(data) < expected:   # compressed; a chunk that did not shrink is stored raw, as OpenEXR does
             data = _unzip(data, expected)
-        pos, row0, line_bytes = 0, y - dw[1], sum(row_bytes)     # a line holds each channel's row in turn
+        pos, row0 = 0, y - dw[1]
         for (name, ptype, _, _), nbytes in zip(chans, row_bytes):
             dtype = _DTYPES[ptype]     # a strided view of one channel's rows (numpy < 1.23, Nuke's, included)
             planes[name][row0:row0 + n_lines] = np.ndarray((n_lines, width), dtype, buffer=data, offset=pos,
