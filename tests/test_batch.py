@@ -334,6 +334,9 @@ def test_resume_after_kill_matches_an_uninterrupted_run(checkpoint, tmp_path):
     assert 3 <= len(written) < n
     for path in written:                                       # nothing half-written under a final name
         assert verify_image(path, channels=["matte.A", "matte.fgmask"], data_window=Window(0, 0, W, H)) is None
+    # what a kill mid-write leaves (this one may have: it is removed too), and another job's file, which is kept
+    (tmp_path / "out" / f".m.{n - 1:04d}.exr.oavm-tmp-{2 ** 22 + 1}").write_bytes(b"half a frame")
+    (tmp_path / "out" / ".other.0001.exr.oavm-tmp-1").write_bytes(b"not ours")
 
     # requeued, then cancelled by the farm (SIGTERM): exit 130, no temporary file left behind
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
@@ -348,8 +351,9 @@ def test_resume_after_kill_matches_an_uninterrupted_run(checkpoint, tmp_path):
     proc.stdout.close()
     log = "".join(seen)
     assert proc.returncode == batch.EXIT_INTERRUPTED, log
-    assert "forward: resuming after frame" in log and "interrupted" in log
-    assert not list((tmp_path / "out").glob(".*oavm-tmp*")) and len(list((tmp_path / "out").glob("m.*.exr"))) < n
+    assert "forward: resuming after frame" in log and "interrupted" in log and "half-written file(s)" in log
+    assert [p.name for p in (tmp_path / "out").glob(".*oavm-tmp*")] == [".other.0001.exr.oavm-tmp-1"]
+    assert len(list((tmp_path / "out").glob("m.*.exr"))) < n
 
     code, log = run_batch(*args, "-o", tmp_path / "out" / "m.####.exr")     # requeued again: finishes
     assert code == 0, log

@@ -16,10 +16,11 @@ that reaches it goes through :func:`_as_hwc`.
 from __future__ import annotations
 
 import os
+import re
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 import numpy as np
 import OpenImageIO as oiio
@@ -335,6 +336,30 @@ def _as_hwc(pixels: np.ndarray) -> np.ndarray:
 def temporary_path(path: Path) -> Path:
     """A hidden name beside ``path`` that no sequence pattern matches (same folder, so the rename is atomic)."""
     return path.with_name(f".{path.name}.oavm-tmp-{os.getpid()}")
+
+
+_TEMPORARY_NAME = re.compile(r"\.(?P<name>.+)\.oavm-tmp-(?P<pid>\d+)")
+
+
+def left_temporaries(paths: Iterable[Path]) -> list[Path]:
+    """The temporary files that other processes left beside ``paths``: a run killed mid-write (SIGKILL, a node
+    that lost power) has no chance to remove its own. One listing per folder, so ten thousand frames cost one
+    ``scandir``, not ten thousand globs. Only the temporaries of these very files are named, so a job that writes
+    frames 1-50 never touches what a job writing 51-100 into the same folder has in hand."""
+    wanted: dict[Path, set[str]] = {}
+    for path in paths:
+        wanted.setdefault(path.parent, set()).add(path.name)
+    left = []
+    for folder, names in wanted.items():
+        try:
+            entries = list(os.scandir(folder))
+        except FileNotFoundError:
+            continue
+        for entry in entries:
+            match = _TEMPORARY_NAME.fullmatch(entry.name)
+            if match and match["name"] in names and int(match["pid"]) != os.getpid():
+                left.append(folder / entry.name)
+    return sorted(left)
 
 
 def write_image(path: str | os.PathLike, pixels: np.ndarray, channels: list[str] | tuple[str, ...], *,
