@@ -29,7 +29,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Protocol, TextIO
+from typing import Any, Callable, Mapping, Protocol, TextIO
 
 import numpy as np
 
@@ -37,10 +37,11 @@ from oavm_service import __version__
 from oavm_service.errors import CheckpointError, OAVMError, OAVMInputError
 from oavm_service.io import FrameSource, Plate
 from oavm_service.io.colour import InputColorspace
-from oavm_service.io.images import ImageHeader, Window, align_to_window, left_temporaries, read_header, read_mask, \
-    verify_image, write_image
+from oavm_service.io.images import ImageHeader, Window, align_to_window, read_header, read_mask, verify_image, \
+    write_image
 from oavm_service.io.sequences import FramePattern, format_frame_range, parse_frame_range
 from oavm_service.read_ahead import ReadAhead         # the next plate read while this frame is in the network
+from shared.files import describe_removed, remove_left_temporaries
 from shared.write_behind import WriteBehind, core_is_free   # the last matte written while the next frame is there
 
 EXIT_OK = 0
@@ -612,7 +613,10 @@ class BatchJob:
             start = self.find_state(pas, min(todo), signature) + 1 if todo else len(pas.steps)
             end = max(todo) + 1 if todo else 0
             work.append((pas, todo, start, end))
-        self._remove_left_temporaries(self.output_path(pas.steps[i].frame) for pas, todo, _, _ in work for i in todo)
+        # a killed run (SIGKILL gives no chance to tidy; farms kill nodes so) may have left half-written hidden files
+        left = remove_left_temporaries(self.output_path(pas.steps[i].frame) for pas, todo, _, _ in work for i in todo)
+        if left:
+            say(describe_removed(left))
         skipped = len(self.frames) - sum(len(t) for _, t, _, _ in work)
         progress = Progress(skipped + sum(max(0, e - s) for _, _, s, e in work), self.stream)
         self._progress = progress
@@ -626,16 +630,6 @@ class BatchJob:
         self._progress = None
         say(f"done: {len(self.frames)} frame(s) in {self.config.output}")
         return EXIT_OK
-
-    def _remove_left_temporaries(self, outputs: Iterable[Path]) -> None:
-        """A requeued job first removes the hidden half-written files a killed run left beside the frames it is
-        about to write (SIGKILL gives a process no chance to remove its own; a farm kills nodes so)."""
-        left = left_temporaries(outputs)
-        for path in left:
-            path.unlink(missing_ok=True)
-        if left:
-            self._say(f"removed {len(left)} half-written file(s) an interrupted run left: "
-                      + ", ".join(p.name for p in left[:3]) + (", ..." if len(left) > 3 else ""))
 
     def _run_pass(self, stepper: Stepper, pas: Pass, todo: set[int], start: int, end: int, signature: str,
                   progress: Progress) -> None:

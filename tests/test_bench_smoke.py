@@ -172,7 +172,7 @@ def test_time_steps_keeps_prepare_off_the_clock():
     import time
 
     timing = time_steps(lambda i: time.sleep(0.05) or i, lambda x: None, start=0, warmup=1, frames=4, budget_s=10)
-    assert timing.n == 4 and timing.p95_ms < 20
+    assert timing.n == 4 and timing.p95_ms < 40         # a prepare on the clock would add its 50 ms
 
 
 def test_sample_clip_plays_forwards_and_backwards():

@@ -297,10 +297,10 @@ def test_graph_is_wired_as_the_docs_say():
 
 
 def test_plugin_python_runs_on_nuke13_python37():
-    """The plug-in's files and the shared/ package it vendors (client, protocol, shared memory, write-behind)."""
+    """The plug-in's files and the shared/ package it vendors (client, protocol, shared memory, write-behind, files)."""
     files = sorted(PLUGIN.rglob("*.py")) + sorted((PLUGIN.parent / "shared").glob("*.py"))
-    assert {"init.py", "menu.py", "oavm_batch.py", "nuke_layer.py", "analysis.py", "client.py", "write_behind.py"} \
-        <= {f.name for f in files}
+    assert {"init.py", "menu.py", "oavm_batch.py", "nuke_layer.py", "analysis.py", "client.py", "write_behind.py",
+            "files.py"} <= {f.name for f in files}
     for path in files:
         ast.parse(path.read_text(), str(path), feature_version=(3, 7))
 

@@ -2,7 +2,6 @@
 """Image, mask, colour and movie I/O (oavm_service.io): real files through OpenImageIO and PyAV."""
 from __future__ import annotations
 
-import os
 import struct
 import zlib
 from pathlib import Path
@@ -15,8 +14,8 @@ import pytest
 from oavm_service.errors import OAVMInputError
 from oavm_service.io import FrameSource, InputColorspace
 from oavm_service.io.colour import linear_to_srgb, srgb_to_linear, to_network_rgb
-from oavm_service.io.images import (Window, align_to_window, left_temporaries, palette_indices, read_header, read_image,
-                                    read_mask, verify_image, write_image)
+from oavm_service.io.images import (Window, align_to_window, palette_indices, read_header, read_image, read_mask,
+                                    verify_image, write_image)
 from oavm_service.io.movies import MovieReader, write_movie
 
 RNG = np.random.default_rng(0)
@@ -75,16 +74,6 @@ def test_exr_layers_windows_and_metadata_round_trip(tmp_path):
     assert "data window" in verify_image(out, channels=["hero.A", "hero.fgmask"], data_window=Window(0, 0, 64, 48))
     assert verify_image(tmp_path / "nope.exr", channels=["A"], data_window=data) == "missing"
     assert not list(tmp_path.glob(".*oavm-tmp*"))
-
-
-def test_left_temporaries_names_only_other_processes_files_of_these_outputs(tmp_path):
-    outputs = [tmp_path / "a" / f"m.{f}.exr" for f in (1001, 1002)] + [tmp_path / "missing" / "m.1001.exr"]
-    (tmp_path / "a").mkdir()
-    for name in [".m.1001.exr.oavm-tmp-12", ".m.1002.exr.oavm-tmp-7", f".m.1001.exr.oavm-tmp-{os.getpid()}",
-                 ".m.1003.exr.oavm-tmp-12", ".m.1001.exr.oavm-tmp-x", "m.1001.exr", ".m.1001.exr.tmp12"]:
-        (tmp_path / "a" / name).write_bytes(b"")
-    assert [p.name for p in left_temporaries(outputs)] == [".m.1001.exr.oavm-tmp-12", ".m.1002.exr.oavm-tmp-7"]
-    assert left_temporaries([]) == []
 
 
 def test_two_dimensional_pixels_are_not_scrambled(tmp_path):

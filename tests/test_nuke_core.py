@@ -31,6 +31,7 @@ from oavm_nuke.frames import linear_to_display, load_mask, load_source, source_d
 
 from oavm_service.io.colour import InputColorspace, to_network_rgb  # noqa: E402
 from shared.client import OAVMClient  # noqa: E402
+from shared.files import temporary_path  # noqa: E402
 from shared.protocol import ErrorCode, OAVMServiceError  # noqa: E402
 from tests.helpers.live_service import live_service  # noqa: E402
 
@@ -511,8 +512,13 @@ def test_mattes_written_behind_the_next_request_are_the_same_and_recorded_only_w
         Analyzer(client, settings, OiioFrameSource(linear, {FRAMES[0]: alphas[0]})).run()
     assert cache_status(settings.layout, "full-disk", FRAMES).missing == [1003, 1004]
     fail_at.clear()
+    crashed = [temporary_path(settings.layout.matte(1003)), temporary_path(settings.layout.manifest)]
+    crashed = [p.with_name(p.name.rsplit("-", 1)[0] + "-%d" % (2 ** 22 + 1)) for p in crashed]   # a Nuke that died
+    for path in crashed:
+        path.write_bytes(b"half a file")
     report = Analyzer(client, settings, OiioFrameSource(linear, {FRAMES[0]: alphas[0]})).run()
     assert (report.reused, report.computed) == (2, 2)
+    assert not any(path.exists() for path in crashed)
     assert _same(_cached(settings.layout), _reference(engine, linear, alphas[0]))
 
     settings = _settings(tmp_path, "behind-cancel", write_behind=True)

@@ -16,17 +16,17 @@ that reaches it goes through :func:`_as_hwc`.
 from __future__ import annotations
 
 import os
-import re
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Mapping
 
 import numpy as np
 import OpenImageIO as oiio
 
 from oavm_service.errors import OAVMInputError
 from oavm_service.io.colour import InputColorspace, resolve_colorspace, to_network_rgb
+from shared.files import remove_quietly, temporary_path
 
 # Rec.709 luma weights: how a colour mask image becomes one coverage value per pixel.
 LUMA_WEIGHTS = np.array([0.2126, 0.7152, 0.0722], dtype=np.float32)
@@ -333,35 +333,6 @@ def _as_hwc(pixels: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(pixels)
 
 
-def temporary_path(path: Path) -> Path:
-    """A hidden name beside ``path`` that no sequence pattern matches (same folder, so the rename is atomic)."""
-    return path.with_name(f".{path.name}.oavm-tmp-{os.getpid()}")
-
-
-_TEMPORARY_NAME = re.compile(r"\.(?P<name>.+)\.oavm-tmp-(?P<pid>\d+)")
-
-
-def left_temporaries(paths: Iterable[Path]) -> list[Path]:
-    """The temporary files that other processes left beside ``paths``: a run killed mid-write (SIGKILL, a node
-    that lost power) has no chance to remove its own. One listing per folder, so ten thousand frames cost one
-    ``scandir``, not ten thousand globs. Only the temporaries of these very files are named, so a job that writes
-    frames 1-50 never touches what a job writing 51-100 into the same folder has in hand."""
-    wanted: dict[Path, set[str]] = {}
-    for path in paths:
-        wanted.setdefault(path.parent, set()).add(path.name)
-    left = []
-    for folder, names in wanted.items():
-        try:
-            entries = list(os.scandir(folder))
-        except FileNotFoundError:
-            continue
-        for entry in entries:
-            match = _TEMPORARY_NAME.fullmatch(entry.name)
-            if match and match["name"] in names and int(match["pid"]) != os.getpid():
-                left.append(folder / entry.name)
-    return sorted(left)
-
-
 def write_image(path: str | os.PathLike, pixels: np.ndarray, channels: list[str] | tuple[str, ...], *,
                 data_window: Window | None = None, display_window: Window | None = None,
                 metadata: Mapping[str, Any] | None = None, compression: str = "zip",
@@ -415,8 +386,7 @@ def _write_atomically(path: Path, spec: "oiio.ImageSpec", pixels: np.ndarray) ->
             raise OAVMInputError(f"writing {path} failed: {out.geterror()}; check free disk space.")
         os.replace(tmp, path)
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        remove_quietly(tmp)          # gone already once renamed; a failed write's partial file
     return path
 
 

@@ -98,11 +98,6 @@ def read_pixels(path: str | os.PathLike) -> np.ndarray:
     return _read(path, "float")[0].astype(np.float32)
 
 
-def temporary_path(path: Path) -> Path:
-    """A hidden name beside ``path`` that no sequence pattern matches (same folder, so the rename is atomic)."""
-    return path.with_name(f".{path.name}.oavm-tmp-{os.getpid()}")
-
-
 def write_matte_exr(path: str | os.PathLike, layers: Mapping[str, np.ndarray], *, half: bool = True) -> Path:
     """Write ``{object id: (H, W) alpha}`` as one EXR with channel ``<object>.A`` per object, atomically.
 
@@ -121,7 +116,8 @@ def write_matte_exr(path: str | os.PathLike, layers: Mapping[str, np.ndarray], *
     spec.attribute("compression", "zip")
     spec.attribute("Software", "OAVM Blender add-on")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temporary_path(path)
+    files = shared_module().files
+    tmp = files.temporary_path(path)
     out = lib.ImageOutput.create(str(path))          # the EXR writer is chosen by the real name...
     try:
         if out is None or not out.open(str(tmp), spec):   # ...while the bytes go to the temporary one
@@ -133,8 +129,7 @@ def write_matte_exr(path: str | os.PathLike, layers: Mapping[str, np.ndarray], *
             raise SourceError(f"writing {path} failed: {out.geterror()}; check the free disk space")
         os.replace(tmp, path)
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        files.remove_quietly(tmp)       # gone already once renamed; a failed write's partial file
     return path
 
 

@@ -116,6 +116,9 @@ def run_job(client: Any, job: MatteJob, *, progress: Callable[[JobProgress], Non
     job.check()
     started = time.monotonic()
     files = matte_files(job.output_dir)
+    shared = shared_module()
+    # hidden half-written mattes of these frames that a crashed Blender (or a killed job) left behind
+    shared.files.remove_left_temporaries(files.path(number) for number in job.frames)
     written: list[int] = []
     first = job.frames[0]
     frame = read_frame(job.frame_paths[first], job.colorspace)
@@ -128,7 +131,6 @@ def run_job(client: Any, job: MatteJob, *, progress: Callable[[JobProgress], Non
     rest = (read_frame(job.frame_paths[number], job.colorspace) for number in job.frames[1:])
     results = client.matte_stream(job.clip_id, first + 1, rest)      # lazy: nothing is sent before next()
     cancelled = False
-    shared = shared_module()
     behind = job.write_behind
     if behind is None:
         behind = shared.write_behind.core_is_free(client.status(), client.endpoint)

@@ -209,6 +209,9 @@ class Analyzer:
         start = self.clock()
         report = AnalysisReport(frames=len(self.s.frames))
         self.layout.make_dirs()
+        from shared.files import remove_left_temporaries   # imported here: the core stays importable alone
+        # hidden half-written cache files that a crashed Nuke left (its own writers remove theirs when they fail)
+        remove_left_temporaries([self.layout.manifest] + [self.layout.matte(f) for f in self.s.frames])
         status = self.client.status()
         root = root_key(checkpoint_identity(status), OBJECT_ID, self.s.downsample_ratio)
         self._write_behind = self.s.write_behind

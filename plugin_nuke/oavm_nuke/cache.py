@@ -180,10 +180,14 @@ class Manifest:
         data = asdict(self)
         for key in ("frames", "prompts", "states"):
             data[key] = {str(k): v for k, v in sorted(data[key].items())}
-        tmp = "%s.tmp%d" % (path, os.getpid())
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=1, sort_keys=True)
-        os.replace(tmp, path)
+        from shared.files import remove_quietly, temporary_path   # imported here: the core stays importable alone
+        tmp = str(temporary_path(path))
+        try:
+            with open(tmp, "w", encoding="utf-8") as f:
+                json.dump(data, f, indent=1, sort_keys=True)
+            os.replace(tmp, path)
+        finally:
+            remove_quietly(tmp)
 
     def reset(self, root: str) -> None:
         """Forget every matte and state record (another checkpoint or settings); prompts stay, they are inputs."""

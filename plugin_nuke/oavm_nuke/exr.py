@@ -344,10 +344,14 @@ def write_exr(path: str, channels: Mapping[str, np.ndarray], *, pixel_type: int 
     for chunk in chunks:
         offsets.append(at)
         at += len(chunk)
-    tmp = "%s.tmp%d" % (path, os.getpid())
-    with open(tmp, "wb") as f:
-        f.write(header)
-        f.write(struct.pack("<%dQ" % len(offsets), *offsets))
-        for chunk in chunks:
-            f.write(chunk)
-    os.replace(tmp, path)
+    from shared.files import remove_quietly, temporary_path   # imported here: the core stays importable alone
+    tmp = str(temporary_path(path))      # hidden, renamed when complete: Nuke never reads half a matte
+    try:
+        with open(tmp, "wb") as f:
+            f.write(header)
+            f.write(struct.pack("<%dQ" % len(offsets), *offsets))
+            for chunk in chunks:
+                f.write(chunk)
+        os.replace(tmp, path)
+    finally:
+        remove_quietly(tmp)              # a full disk's partial file must not stay and hold the space

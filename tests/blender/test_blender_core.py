@@ -335,9 +335,13 @@ def test_reprompt_rewrites_from_the_frame_on_and_keeps_the_frames_before(full_ru
     corrected = {"disc": rect_mask(19, 43), "corner": rect_mask(0, 10, 0, 10)}
     prompts, lost = reprompt_prompts(existing_matte(str(tmp_path), 4), corrected)
     assert lost == [] and set(prompts) == {"disc", "corner"}
+    crashed = {f: tmp_path / (".matte.%04d.exr.oavm-tmp-%d" % (f, 2 ** 22 + 1)) for f in (2, 5)}   # Blender died
+    for path in crashed.values():
+        path.write_bytes(b"half a matte")
     with OAVMClient(service, timeout_s=120) as client:
         result = run_job(client, _job(plates, tmp_path, "core-reprompt", range(4, FRAMES + 1), prompts))
     assert result.written == [4, 5, 6]
+    assert not crashed[5].exists() and crashed[2].exists()      # the job's own frames only
     for f in (1, 2, 3):
         assert Path(matte_files(tmp_path).path(f)).read_bytes() == before[f]
     expected = direct_mattes(service, plates, "core-reprompt-direct", [4, 5, 6], prompts)
