@@ -237,15 +237,12 @@ class ServiceStepper:
                                  downsample_ratio=self.downsample_ratio, reply_dtype=self.reply_dtype)
         elif not prompts:
             result = c.matte(self.clip_id, index, rgb)
-        elif len(prompts) == 1:
+        elif len(prompts) == 1:          # the ops every service knows
             (obj_id, mask), = prompts.items()
             call = c.reprompt if obj_id in known else c.add_object
             result = call(self.clip_id, index, rgb, obj_id, mask)
-        else:
-            raise OAVMInputError(
-                f"--connect sends one object's mask per frame after the first keyframe, but {len(prompts)} objects "
-                f"({', '.join(prompts)}) have masks here; run without --connect (in-process), or key these objects "
-                "on different frames.")
+        else:                            # several objects keyed on this frame: one step, as in-process
+            result = c.prompt(self.clip_id, index, rgb, prompts)
         return {o: Layer(np.array(d["alpha"]), np.array(d["fgmask"])) for o, d in result.layers.items()}
 
     def save(self, path: Path) -> None:

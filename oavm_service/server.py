@@ -235,6 +235,7 @@ class Service:
         self.handlers: dict[str, Callable[[Message], tuple[dict, list]]] = {
             Op.STATUS: self._status, Op.OPEN_CLIP: self._open_clip, Op.MATTE: self._matte,
             Op.MATTE_FILE: self._matte_file, Op.ADD_OBJECT: self._add_object, Op.REPROMPT: self._reprompt,
+            Op.PROMPT: self._prompt_objects,
             Op.DROP_OBJECT: self._drop_object, Op.SAVE_CLIP: self._save_clip, Op.LOAD_CLIP: self._load_clip,
             Op.CLOSE_CLIP: self._close_clip}
 
@@ -361,6 +362,13 @@ class Service:
         clip = self._clip_in_order(msg)
         obj_id, mask = self._prompt(msg)
         return self._advance(msg, clip, clip.session.reprompt(obj_id, self._frame(msg), mask))
+
+    def _prompt_objects(self, msg: Message) -> tuple[dict, list]:
+        clip = self._clip_in_order(msg)
+        masks = self._masks(msg)
+        if not masks:
+            raise _bad_request("op prompt needs one 'mask' buffer per object (its 'object' = the object id)")
+        return self._advance(msg, clip, clip.session.step(self._frame(msg), masks))
 
     def _drop_object(self, msg: Message) -> tuple[dict, list]:
         clip = self.store.get(_clip_id(msg))

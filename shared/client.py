@@ -230,6 +230,17 @@ class OAVMClient:
         """Correct a known object with a new mask at the clip's next frame (replaces its long-term memory)."""
         return self._prompt(Op.REPROMPT, clip_id, frame_index, frame, obj_id, mask, channels)
 
+    def prompt(self, clip_id: str, frame_index: int, frame: np.ndarray, masks: Mapping[str, np.ndarray], *,
+               channels: str | None = None) -> MatteResult:
+        """Masks for several objects at the clip's next frame, in one step: each known object is corrected (as
+        ``reprompt``), each new one added (as ``add_object``) - a keyframe of a crowd shot. A service older than this
+        op answers ``bad_request`` (unknown op); one object at a time works with every service."""
+        if not masks:
+            raise OAVMServiceError(ErrorCode.BAD_INPUT, "prompt needs at least one object mask, e.g. {'actor': mask}")
+        frame_buf = _frame_buffer(frame, channels)
+        buffers = [frame_buf, *(_mask_buffer(obj, m, frame_buf.array.shape[:2]) for obj, m in masks.items())]
+        return self._matte_request(Op.PROMPT, clip_id, frame_index, buffers)
+
     def drop_object(self, clip_id: str, obj_id: str) -> None:
         self._request(Op.DROP_OBJECT, clip=_clip_id(clip_id), object=_object_id(obj_id))
 

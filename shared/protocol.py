@@ -52,11 +52,12 @@ class Op:
     MATTE_FILE = "matte_file"
     ADD_OBJECT = "add_object"
     REPROMPT = "reprompt"
+    PROMPT = "prompt"                  # several objects' masks at one frame: known ones re-prompted, new ones added
     DROP_OBJECT = "drop_object"
     SAVE_CLIP = "save_clip"
     LOAD_CLIP = "load_clip"
     CLOSE_CLIP = "close_clip"
-    ALL = (STATUS, OPEN_CLIP, MATTE, MATTE_FILE, ADD_OBJECT, REPROMPT, DROP_OBJECT, SAVE_CLIP, LOAD_CLIP,
+    ALL = (STATUS, OPEN_CLIP, MATTE, MATTE_FILE, ADD_OBJECT, REPROMPT, PROMPT, DROP_OBJECT, SAVE_CLIP, LOAD_CLIP,
            CLOSE_CLIP)
 
 

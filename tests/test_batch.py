@@ -387,9 +387,10 @@ def test_corrupt_frame_exits_1_naming_it_and_keeps_earlier_frames(shot, checkpoi
 
 
 def test_connect_gives_the_same_files_as_in_process(shot, checkpoint, tmp_path):
-    common = ["-i", shot / "plate.####.exr", "--mask", f"1002={shot / 'mask.1002.png'}",
-              "--mask", f"1004={shot / 'mask.1004.png'}", "-f", "1001-1004", "--checkpoint", checkpoint,
-              "--device", "cpu", "--precision", "fp32"]
+    # frame 1004 keys two objects at once (the hero again, a new dog): one `prompt` request through the service
+    common = ["-i", shot / "plate.####.exr", "--object", f"hero=1002={shot / 'mask.1002.png'}",
+              "--object", f"hero=1004={shot / 'mask.1004.png'}", "--object", f"dog=1004={shot / 'mask.1003.png'}",
+              "-f", "1001-1004", "--checkpoint", checkpoint, "--device", "cpu", "--precision", "fp32"]
     assert run_batch(*common, "-o", tmp_path / "local" / "m.####.exr")[0] == 0
     with live_service(tmp_path / "svc", checkpoint=checkpoint) as endpoint:
         code, log = run_batch(*common, "-o", tmp_path / "remote" / "m.####.exr", "--connect", endpoint,
@@ -402,6 +403,8 @@ def test_connect_gives_the_same_files_as_in_process(shot, checkpoint, tmp_path):
         assert code == 0 and "forward: resuming after frame 1003" in log, log
     for f in range(1001, 1005):
         assert same_pixels(tmp_path / "local" / f"m.{f}.exr", tmp_path / "remote" / f"m.{f}.exr"), f
+    keyed = read_image(tmp_path / "remote" / "m.1004.exr")
+    assert keyed.channel("dog.A").max() > 0.5 and keyed.channel("hero.A").max() > 0.5
     import torch                   # the service sent half floats (EXR stores half anyway): same files, half the bytes
     states = sorted((tmp_path / "remote").rglob("*.state"))
     assert states and all(torch.load(p, weights_only=True)["reply_dtype"] == "float16" for p in states)

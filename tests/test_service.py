@@ -264,10 +264,30 @@ def _bad_requests(clip_id: str, next_frame: int, frame: np.ndarray) -> list[tupl
         ("no frame buffer", enc(good), ErrorCode.BAD_REQUEST, "needs a 'frame' buffer"),
         ("mistyped argument", enc({**good, "op": "open_clip", "clip": "x", "args": {"direction": "up"}}),
          ErrorCode.BAD_REQUEST, "'direction'"),
+        ("prompt without masks", enc({**good, "op": "prompt"}, Buffer("frame", frame)), ErrorCode.BAD_REQUEST,
+         "one 'mask' buffer per object"),
         ("reprompt of an unknown object", enc({**good, "op": "reprompt", "args": {"object": "ghost"}},
                                               Buffer("frame", frame), Buffer("mask", frame[..., 0], "A", "ghost")),
          ErrorCode.BAD_INPUT, "ghost"),
     ]
+
+
+def test_prompt_keys_several_objects_at_one_frame_like_the_engine(client: OAVMClient, engine) -> None:
+    """A keyframe of a crowd shot: the known object corrected and a new one added in one step, as the engine's
+    ``step(frame, prompts)`` does; the clip goes on with both."""
+    clip, ref = synthetic_clip(6, 4, ("left", "right", "late")), ReferenceClip(engine)
+    first = {k: clip.masks[0][k] for k in ("left", "right")}
+    assert_same(client.open_clip("crowd", 0, clip.frames[0], first), ref.step(clip.frames[0], first))
+    keyed = {"left": clip.masks[1]["left"], "late": clip.masks[1]["late"]}
+    result = client.prompt("crowd", 1, clip.frames[1], keyed)
+    assert_same(result, ref.step(clip.frames[1], keyed))
+    assert result.info["objects"] == ["left", "right", "late"]
+    assert_same(client.matte("crowd", 2, clip.frames[2]), ref.step(clip.frames[2]))
+    with pytest.raises(OAVMServiceError, match="at least one object mask"):
+        client.prompt("crowd", 3, clip.frames[3], {})
+    assert_same(client.prompt("crowd", 3, clip.frames[3], {"right": clip.masks[3]["right"]}),
+                ref.step(clip.frames[3], {"right": clip.masks[3]["right"]}))
+    client.close_clip("crowd")
 
 
 def test_every_bad_input_gets_an_error_and_the_next_good_request_is_answered(service: str, client: OAVMClient,
