@@ -148,6 +148,7 @@ class Stepper(Protocol):
     checkpoint_sha256: str
     signature: dict
     spare_cpu: bool       # whether a core is free for writing files while the network runs (write behind then)
+    keys_together: bool   # whether several objects can be keyed on one frame after the first
 
     def start(self, direction: int, anchor: int) -> None: ...
     def step(self, position: int, rgb: np.ndarray, prompts: dict[str, np.ndarray], known: set[str]) \
@@ -172,6 +173,7 @@ class EngineStepper:
         self.checkpoint_sha256 = str(info.get("sha256") or "")
         self.signature = {"device": str(engine.device), "precision": str(engine.precision)}
         self.spare_cpu = engine.device.type != "cpu" or _torch_threads() < (os.cpu_count() or 1)
+        self.keys_together = True
 
     def start(self, direction: int, anchor: int) -> None:
         self.session = self.engine.new_session(downsample_ratio=self.downsample_ratio, foreground=self.foreground)
@@ -217,6 +219,7 @@ class ServiceStepper:
         self.checkpoint_sha256 = str((status.get("checkpoint") or {}).get("sha256") or "")
         self.signature = {"device": str(status.get("device")), "precision": str(status.get("precision"))}
         self.spare_cpu = core_is_free(status, endpoint)
+        self.keys_together = "prompt" in (status.get("ops") or ())     # a service older than the op lists none
         self.base_id = clip_id or f"oavm-batch-{socket.gethostname()}-{os.getpid()}"
         self.downsample_ratio = downsample_ratio
         self.reply_dtype = reply_dtype
@@ -596,6 +599,12 @@ class BatchJob:
 
     def _run(self, stepper: Stepper) -> int:
         passes = plan_passes(self.frames, self.keys)
+        together = sorted({s.frame for p in passes for s in p.steps[1:] if len(s.prompts) > 1})
+        if together and not stepper.keys_together:          # refused now, not after an hour of frames
+            raise OAVMInputError(
+                f"frame(s) {format_frame_range(together)} key several objects at once, which the service at "
+                f"{self.config.connect} cannot (it is older than its 'prompt' op); update the service, "
+                "run without --connect, or key these objects on different frames.")
         signature = self.signature(stepper)
         say = self._say
         say(f"oavm batch {__version__}: {self.source.kind} {self.config.input}, frames "

@@ -297,6 +297,7 @@ class Service:
                        "max_message_bytes": self.limits.max_message_bytes},
             "loopback": self.loopback, "matte_file": self.loopback, "uptime_s": round(time.time() - self.started, 1),
             "shared_memory": self._shared_memory(msg.args.get("shm_probe")),
+            "ops": list(self.handlers),          # what this service can do: a newer client checks before relying on it
         }
         return reply_header(msg.header, result=result), []
 

@@ -405,6 +405,17 @@ def test_connect_gives_the_same_files_as_in_process(shot, checkpoint, tmp_path):
         assert same_pixels(tmp_path / "local" / f"m.{f}.exr", tmp_path / "remote" / f"m.{f}.exr"), f
     keyed = read_image(tmp_path / "remote" / "m.1004.exr")
     assert keyed.channel("dog.A").max() > 0.5 and keyed.channel("hero.A").max() > 0.5
+
+    with live_service(tmp_path / "svc-old", checkpoint=checkpoint) as endpoint:   # a service without 'prompt'
+        def older():
+            stepper = batch.ServiceStepper(endpoint, None, None, 60.0)
+            stepper.keys_together = False            # what a status without "prompt" in its ops gives
+            return stepper
+        config = batch.parse_args([str(a) for a in common] + ["-o", str(tmp_path / "old" / "m.####.exr"),
+                                                              "--connect", endpoint])
+        with pytest.raises(batch.OAVMInputError, match=r"frame\(s\) 1004 key several objects .* update the service"):
+            batch.BatchJob(config, stepper_factory=older, stream=io.StringIO()).run()
+    assert not (tmp_path / "old").exists()              # refused before any frame
     import torch                   # the service sent half floats (EXR stores half anyway): same files, half the bytes
     states = sorted((tmp_path / "remote").rglob("*.state"))
     assert states and all(torch.load(p, weights_only=True)["reply_dtype"] == "float16" for p in states)

@@ -275,6 +275,7 @@ def _bad_requests(clip_id: str, next_frame: int, frame: np.ndarray) -> list[tupl
 def test_prompt_keys_several_objects_at_one_frame_like_the_engine(client: OAVMClient, engine) -> None:
     """A keyframe of a crowd shot: the known object corrected and a new one added in one step, as the engine's
     ``step(frame, prompts)`` does; the clip goes on with both."""
+    assert "prompt" in client.status()["ops"]          # what a client checks before relying on it
     clip, ref = synthetic_clip(6, 4, ("left", "right", "late")), ReferenceClip(engine)
     first = {k: clip.masks[0][k] for k in ("left", "right")}
     assert_same(client.open_clip("crowd", 0, clip.frames[0], first), ref.step(clip.frames[0], first))
