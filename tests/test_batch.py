@@ -334,7 +334,8 @@ def test_resume_after_kill_matches_an_uninterrupted_run(checkpoint, tmp_path):
     assert 3 <= len(written) < n
     for path in written:                                       # nothing half-written under a final name
         assert verify_image(path, channels=["matte.A", "matte.fgmask"], data_window=Window(0, 0, W, H)) is None
-    # what a kill mid-write leaves (this one may have: it is removed too), and another job's file, which is kept
+    # what a kill mid-write leaves (the SIGKILL above may have left one as well; pid 2**22 + 1 is never alive),
+    # and another job's, which must stay
     (tmp_path / "out" / f".m.{n - 1:04d}.exr.oavm-tmp-{2 ** 22 + 1}").write_bytes(b"half a frame")
     (tmp_path / "out" / ".other.0001.exr.oavm-tmp-1").write_bytes(b"not ours")
 
