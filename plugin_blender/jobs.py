@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass, field
 
 import bpy
@@ -121,8 +122,11 @@ def decode_movie(clip: bpy.types.MovieClip, frames: FrameRange, folder: str) -> 
     """Render the clip's frames with Blender's movie decoder (a temporary sequencer scene) to 8-bit PNGs.
 
     The view transform is Standard with no look, so the PNGs hold the movie's display-referred pixel values.
+    Blender is busy meanwhile (minutes for a long 4K movie): the mouse cursor counts the frames decoded and the
+    console says how far it is.
     """
     scene = bpy.data.scenes.new("OAVM decode")
+    progress = _DecodeProgress(scene.name, len(frames), os.path.basename(_abspath(clip)))
     try:
         editor = scene.sequence_editor_create()
         strips = editor.strips if hasattr(editor, "strips") else editor.sequences   # 4.4 renamed it
@@ -140,7 +144,8 @@ def decode_movie(clip: bpy.types.MovieClip, frames: FrameRange, folder: str) -> 
         scene.render.image_settings.color_depth = "8"
         scene.frame_start, scene.frame_end = frames.start, frames.end
         scene.render.filepath = os.path.join(folder, "plate.####.png")
-        bpy.ops.render.render(animation=True, scene=scene.name)
+        with progress:
+            bpy.ops.render.render(animation=True, scene=scene.name)
     finally:
         bpy.data.scenes.remove(scene)
     files = SequenceFiles(os.path.join(folder, "plate."), ".png", 4)
@@ -150,6 +155,36 @@ def decode_movie(clip: bpy.types.MovieClip, frames: FrameRange, folder: str) -> 
         raise SourceError(f"Blender could not decode frames {missing[:5]} of the movie {_abspath(clip)}: check "
                           f"the file plays in the Movie Clip editor, or convert it to an image sequence")
     return paths
+
+
+class _DecodeProgress:
+    """Counts the frames of the decoding render as Blender writes them (``render_write``): the window manager's
+    progress cursor, and a console line at most every two seconds and at the end."""
+
+    def __init__(self, scene_name: str, total: int, what: str) -> None:
+        self.scene_name, self.total, self.what = scene_name, total, what
+        self.done, self._said = 0, 0.0
+        self.wm = bpy.context.window_manager
+
+    def __call__(self, scene: bpy.types.Scene, *_: object) -> None:
+        if scene.name != self.scene_name:
+            return
+        self.done += 1
+        self.wm.progress_update(self.done)
+        now = time.monotonic()
+        if now - self._said >= 2.0 or self.done == self.total:
+            self._said = now
+            print(f"OAVM: decoding {self.what}: {self.done}/{self.total} frame(s)", flush=True)
+
+    def __enter__(self) -> "_DecodeProgress":
+        self.wm.progress_begin(0, self.total)
+        bpy.app.handlers.render_write.append(self)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self in bpy.app.handlers.render_write:
+            bpy.app.handlers.render_write.remove(self)
+        self.wm.progress_end()
 
 
 # ------------------------------------------------------------------------------------------------ masks

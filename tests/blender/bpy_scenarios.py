@@ -9,8 +9,10 @@ Works with bpy 4.2-5.x (compositor at ``scene.compositing_node_group`` from 5.0,
 """
 from __future__ import annotations
 
+import contextlib
 import glob
 import importlib
+import io
 import json
 import os
 import sys
@@ -352,7 +354,12 @@ def scenario_movie(args: dict) -> dict:
     settings.clip_id = "movie-test"
     settings.range_mode, settings.frame_start, settings.frame_end = "CUSTOM", 1, 3
     out["clip"] = {"source": clip.source, "size": list(clip.size), "frames": clip.frame_duration}
-    out["run"] = run_operator(bpy.ops.oavm.matte_clip)
+    handlers = len(bpy.app.handlers.render_write)
+    console = io.StringIO()
+    with contextlib.redirect_stdout(console):
+        out["run"] = run_operator(bpy.ops.oavm.matte_clip)
+    out["decode_lines"] = [line for line in console.getvalue().splitlines() if "decoding" in line]
+    out["handlers_left"] = len(bpy.app.handlers.render_write) - handlers
     folder = os.path.join(args["work"], "oavm", "movie-test")
     out["files"] = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
     out["folder"] = folder

@@ -172,6 +172,7 @@ def test_movie_clip_is_decoded_by_blender_and_matted(extension_zip, plates, serv
     assert result["run"]["outcome"] == ["FINISHED"], result["run"]
     assert result["files"] == ["matte.0001.exr", "matte.0002.exr", "matte.0003.exr"]     # the custom range 1-3
     assert result["temp_plates_left"] == []
+    assert result["decode_lines"][-1].endswith(": 3/3 frame(s)") and result["handlers_left"] == 0   # progress shown
     # the movie is lossless (FFV1), so the mattes equal those of the PNG plates
     for f in (1, 2, 3):
         np.testing.assert_allclose(read_matte_exr(Path(result["folder"]) / f"matte.{f:04d}.exr")["disc"],
